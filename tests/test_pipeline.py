@@ -131,3 +131,31 @@ def test_benign_mixing(tiny_cfg, capsys):
 
     with pytest.raises(ConfigError, match="needs data.benign_tasks"):
         load_config("tiny", ["data.n_benign=3"])
+
+
+def test_a_new_judge_rescores_without_regenerating(tiny_run, monkeypatch):
+    """Generations are the evaluation stage's output; judging them is cached per judge version."""
+    import booster.evaluate.judges as judges
+    from booster.config import load_config
+
+    cfg, out, rows = tiny_run
+
+    class Everything(judges.RefusalJudge):
+        name = "everything"
+
+        @property
+        def version(self) -> str:
+            return "v1"
+
+        def probs(self, prompts, answers):
+            return [1.0] * len(answers)
+
+    monkeypatch.setitem(judges.JUDGES, "everything", Everything)
+    gens = {p: p.stat().st_mtime_ns for p in (out / "stages").glob("eval-*/generations.jsonl")}
+    again = Pipeline(load_config("tiny", [f"run.out_dir={out}", f"data.dir={cfg.data.dir}",
+                                          "grid.attack.p=[0.0, 0.25]", "eval.judge=everything"])).run()
+    assert {p: p.stat().st_mtime_ns for p in gens} == gens
+    assert all(r["harmful_score"] == 100.0 and r["judge"] == "everything" for r in again)
+    assert sorted(r["eval_dir"] for r in again) == sorted(r["eval_dir"] for r in rows)
+    for d in {r["eval_dir"] for r in again}:
+        assert (out / d / "judged-everything-v1.json").is_file() and list((out / d).glob("judged-refusal-*.json"))
