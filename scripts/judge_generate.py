@@ -17,8 +17,9 @@ import random
 from pathlib import Path
 
 import torch
+import yaml
 
-from booster.config import load_config
+from booster.config import build_config
 from booster.data import safety
 from booster.data.base import normalise, resolve_data_dir
 from booster.evaluate.generate import generate
@@ -52,7 +53,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    cfg = load_config(run / "config.yaml", ["grid={}"])
+    # Only the model and data sections matter here (newer runs may carry keys this checkout lacks).
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = build_config([("run config", {"model": raw["model"], "data": raw["data"],
+                                        "eval": {"max_new_tokens": raw["eval"]["max_new_tokens"]}})])
     data_dir = resolve_data_dir(cfg.data.dir)
     prompts = training_prompts(data_dir, cfg, args.seed)[args.offset:args.offset + args.n]
     tok = load_tokenizer(cfg.model)
