@@ -275,7 +275,8 @@ def _train_finetune(model: Any, enc: PairEncoder, train: list[Any], s: Classifie
 
 
 def data_fingerprint(data_dir: Path) -> dict[str, str]:
-    """Hashes of every file the training set is built from (data directory and packaged labels)."""
+    """Hashes of every file the training set is built from (data directory and packaged labels).
+    Code changes that alter a build bump FORMAT_VERSION instead."""
     from booster.evaluate import judge_data
 
     files = sorted((Path(data_dir) / "safety" / "judge_labels").glob("*/*.csv"))
@@ -283,8 +284,6 @@ def data_fingerprint(data_dir: Path) -> dict[str, str]:
                                                        "hh_rlhf_harmless_test.jsonl.gz")]
     out = {str(f.relative_to(data_dir)): file_sha256(f, 16) for f in files if f.is_file()}
     out["judge_data/" + judge_data.TRAIN_LABELS] = file_sha256(judge_data._packaged(judge_data.TRAIN_LABELS), 16)
-    out["judge_data.py"] = file_sha256(Path(judge_data.__file__), 16)
-    out["classifier.py"] = file_sha256(Path(__file__), 16)
     return out
 
 
