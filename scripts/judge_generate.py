@@ -12,6 +12,7 @@ unused alignment pool and the attack pool, disjoint from every AdvBench prompt.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from booster.config import build_config
+from booster.config import DataConfig, ModelConfig, build_config
 from booster.data import safety
 from booster.data.base import normalise, resolve_data_dir
 from booster.evaluate.generate import generate
@@ -55,8 +56,9 @@ def main() -> None:
     run = Path(args.run)
     # Only the model and data sections matter here (newer runs may carry keys this checkout lacks).
     raw = yaml.safe_load((run / "config.yaml").read_text())
-    cfg = build_config([("run config", {"model": raw["model"], "data": raw["data"],
-                                        "eval": {"max_new_tokens": raw["eval"]["max_new_tokens"]}})])
+    known = {k: {f.name for f in dataclasses.fields(t)} for k, t in (("model", ModelConfig), ("data", DataConfig))}
+    layer = {k: {key: v for key, v in raw[k].items() if key in known[k]} for k in known}
+    cfg = build_config([("run config", {**layer, "eval": {"max_new_tokens": raw["eval"]["max_new_tokens"]}})])
     data_dir = resolve_data_dir(cfg.data.dir)
     prompts = training_prompts(data_dir, cfg, args.seed)[args.offset:args.offset + args.n]
     tok = load_tokenizer(cfg.model)
