@@ -141,3 +141,36 @@ def test_matches_independent_autograd_on_a_tiny_llama():
     for p, e, v in zip(params, expected, w):
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
         assert torch.equal(p.detach(), v)
+
+
+def test_amortised_booster_reuses_the_regulariser_gradient():
+    # every=2: step 0 computes R = λ(∇h(w0) − ∇h(w̃0)) = (−0.3, −0.4) (see the hand computation
+    # above); step 1 adds the same R to ∇f at the new weights without touching harmful data.
+    w, ctx = toy([1.0, 2.0], [0.0, 0.0], None)
+    d = make_defense("booster", SimpleNamespace(booster=BoosterConfig(lam=5.0, alpha=0.1, every=2)))
+    d.setup(ctx)
+    harmful = [{"kind": "h", "b": torch.tensor([[4.0, 6.0]])}]
+    assert d.streams_at(0) == ("main", "harmful")
+    d.step(ctx, {"main": [{"kind": "f"}], "harmful": harmful})
+    torch.testing.assert_close(w.grad, torch.tensor([0.7, 1.6]), rtol=0, atol=1e-6)
+    w.grad = None
+    with torch.no_grad():
+        w.copy_(torch.tensor([2.0, 0.0]))
+    ctx.step = 1
+    assert d.streams_at(1) == ("main",)
+    metrics = d.step(ctx, {"main": [{"kind": "f"}]})
+    torch.testing.assert_close(w.grad, torch.tensor([2.0 - 0.3, 0.0 - 0.4]), rtol=0, atol=1e-6)
+    assert "harmful_loss" not in metrics
+    state = d.state_dict()  # a resumed run gets R back
+    d2 = make_defense("booster", SimpleNamespace(booster=BoosterConfig(every=2)))
+    d2.setup(ctx)
+    d2.load_state_dict(state)
+    assert d2.streams_at(1) == ("main",)
+
+
+def test_ablation_without_last_term():
+    # g = ∇f + λ∇h(w) = (1, 2) + 5·(−3, −4) = (−14, −18)
+    w, ctx = toy([1.0, 2.0], [0.0, 0.0], None)
+    d = make_defense("booster_no_last_term", SimpleNamespace(booster=BoosterConfig(lam=5.0)))
+    d.step(ctx, {"main": [{"kind": "f"}], "harmful": [{"kind": "h", "b": torch.tensor([[4.0, 6.0]])}]})
+    torch.testing.assert_close(w.grad, torch.tensor([-14.0, -18.0]))

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from booster.config import ConfigError, expand_grid, load_config, packaged_configs
+from booster.evaluate.judges import JUDGES
 
 
-@pytest.mark.parametrize("name", sorted(packaged_configs()))
+def _param(name):
+    """A config naming a judge this branch does not register yet (the 7B configs name
+    beaver_dam, which is being added separately) is expected to fail on exactly that."""
+    judge = (yaml.safe_load(packaged_configs()[name].read_text()) or {}).get("eval", {}).get("judge")
+    if judge is None or judge in JUDGES:
+        return name
+    return pytest.param(name, marks=pytest.mark.xfail(
+        raises=ConfigError, strict=True, reason=f"judge '{judge}' is not in booster.evaluate.judges.JUDGES yet"))
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in sorted(packaged_configs())])
 def test_packaged_configs_validate(name):
     cfg = load_config(name)
     for point in expand_grid(cfg):
@@ -60,6 +72,26 @@ def test_bad_files(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cases_cross_the_grid(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("cases:\n  - {attack.optim.lr: 1.0e-4, attack.adapter: single}\n"
+                    "  - {attack.optim.lr: 5.0e-4, attack.adapter: merge_new}\n"
+                    "grid:\n  attack.p: [0.0, 0.1]\n")
+    cfg = load_config(path)
+    from booster.config import varied_keys
+
+    assert varied_keys(cfg) == ["attack.optim.lr", "attack.adapter", "attack.p"]
+    points = expand_grid(cfg)
+    assert [(p.attack.optim.lr, p.attack.adapter, p.attack.p) for p in points] == [
+        (1e-4, "single", 0.0), (1e-4, "single", 0.1), (5e-4, "merge_new", 0.0), (5e-4, "merge_new", 0.1)]
+    path.write_text("cases:\n  - {attack.optim.lr: fast}\n")
+    with pytest.raises(ConfigError, match="attack.optim.lr"):
+        load_config(path)
+    path.write_text("cases:\n  - {attack.nope: 1}\n")
+    with pytest.raises(ConfigError, match="unknown key 'attack.nope'"):
+        load_config(path)
 
 
 def test_grid_can_be_cleared_and_replaced():

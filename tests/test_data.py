@@ -21,6 +21,8 @@ def test_sets_are_disjoint_by_normalised_prompt(splits, data_dir):
     sets = {name: {normalise(e.prompt) for e in getattr(splits, name)}
             for name in ("align", "harmful", "attack_pool", "probe", "align_probe", "eval_prompts")}
     sets["task"] = {normalise(e.prompt) for e in get_task("sst2").pool(data_dir)[:5000]}
+    instructions = get_task("instructions")
+    sets["instructions"] = {normalise(e.prompt) for e in instructions.pool(data_dir) + instructions.eval_set(data_dir)}
     names = list(sets)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -114,3 +116,34 @@ def test_poisoned_set_counts():
         poisoned_set(task, harm, n=200, p=0.1, seed=0)
     with pytest.raises(DataError, match="lower attack.p"):
         poisoned_set(task, harm, n=100, p=0.5, seed=0)
+
+
+def test_agnews_split_and_parse(data_dir):
+    task = get_task("agnews")
+    pool, held = task.pool(data_dir), task.eval_set(data_dir)
+    assert len(held) == 1000 and len(pool) == 6600
+    assert not {normalise(x.prompt) for x in held} & {normalise(x.prompt) for x in pool}
+    assert {x.label for x in held} == {"World", "Sports", "Business", "Sci/Tech"}
+    assert task.parse("This is about Sci/Tech.") == "Sci/Tech"
+    assert task.parse("sports news") == "Sports" and task.parse("no idea") is None
+
+
+def test_gsm8k_parse(data_dir):
+    task = get_task("gsm8k")
+    ex = task.eval_set(data_dir)[0]
+    assert ex.label == "18" and task.correct(ex.response, ex.label)
+    assert task.correct("so 3 + 4 = 7 apples\n#### 7", "7")
+    assert task.correct("The final answer is: 1,200", "1200")
+    assert task.correct("she has 5 then 12", "12") and not task.correct("nothing", "3")
+
+
+def test_instructions_task(data_dir):
+    task = get_task("instructions")
+    pool, held = task.pool(data_dir), task.eval_set(data_dir)
+    assert len(pool) >= 30 and len(held) >= 15
+    assert not {x.prompt for x in pool} & {x.prompt for x in held}
+    gold = held[0].label
+    good, off, empty = task.scores([gold, "I cannot help with that.", ""], [gold, gold, gold])
+    assert good > 0.99 and off < good and empty == 0.0
+    with pytest.raises(RuntimeError, match="cannot run offline"):
+        task.alpacaeval_hook(["q"], ["a"])

@@ -33,6 +33,19 @@ def test_table_has_controls_and_attacks(tiny_run):
     table = (out / "results.md").read_text()
     assert "| none | unaligned |" in table and "Judge: refusal" in table
     assert (out / "results.csv").is_file() and (out / "attack_harmful_loss.png").is_file()
+    # one row per defence with its controls side by side
+    assert "## Each setting with its controls" in table
+    controls = table.split("## Every evaluated model")[0]
+    assert "p=0.0 HS" in controls and "p=0.25 HS" in controls and "aligned HS" in controls
+    assert controls.count("| sft |") == 1 and controls.count("| booster |") == 1
+
+
+def test_report_command_rebuilds_tables(tiny_run, capsys):
+    cfg, out, rows = tiny_run
+    (out / "results.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert "## Each setting with its controls" in capsys.readouterr().out
+    assert (out / "results.md").is_file() and (out / "controls.csv").is_file()
 
 
 def test_stage_directories_describe_themselves(tiny_run):
@@ -105,3 +118,44 @@ def test_cli_config_show_and_errors(capsys):
     assert main(["run", "tiny", "attack.p=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("booster: error:") and "attack.p must be in [0, 1]" in err and "\n" not in err
+
+
+def test_benign_mixing(tiny_cfg, capsys):
+    cfg = tiny_cfg("grid={}", "data.benign_tasks=[agnews,gsm8k]", "data.n_benign=5")
+    benign = Pipeline(cfg).benign(cfg)
+    assert [x.source for x in benign] == ["agnews"] * 3 + ["gsm8k"] * 2
+    assert main(["run", "tiny", "data.benign_tasks=[sst2]", "data.n_benign=2", f"run.out_dir={cfg.run.out_dir}",
+                 f"data.dir={cfg.data.dir}"]) == 2
+    assert "drop it from data.benign_tasks" in capsys.readouterr().err
+    from booster.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="needs data.benign_tasks"):
+        load_config("tiny", ["data.n_benign=3"])
+
+
+def test_a_new_judge_rescores_without_regenerating(tiny_run, monkeypatch):
+    """Generations are the evaluation stage's output; judging them is cached per judge version."""
+    import booster.evaluate.judges as judges
+    from booster.config import load_config
+
+    cfg, out, rows = tiny_run
+
+    class Everything(judges.RefusalJudge):
+        name = "everything"
+
+        @property
+        def version(self) -> str:
+            return "v1"
+
+        def probs(self, prompts, answers):
+            return [1.0] * len(answers)
+
+    monkeypatch.setitem(judges.JUDGES, "everything", Everything)
+    gens = {p: p.stat().st_mtime_ns for p in (out / "stages").glob("eval-*/generations.jsonl")}
+    again = Pipeline(load_config("tiny", [f"run.out_dir={out}", f"data.dir={cfg.data.dir}",
+                                          "grid.attack.p=[0.0, 0.25]", "eval.judge=everything"])).run()
+    assert {p: p.stat().st_mtime_ns for p in gens} == gens
+    assert all(r["harmful_score"] == 100.0 and r["judge"] == "everything" for r in again)
+    assert sorted(r["eval_dir"] for r in again) == sorted(r["eval_dir"] for r in rows)
+    for d in {r["eval_dir"] for r in again}:
+        assert (out / d / "judged-everything-v1.json").is_file() and list((out / d).glob("judged-refusal-*.json"))

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 
-from booster.config import AlignConfig, OptimConfig
+from booster.config import AlignConfig, AttackConfig, LisaConfig, OptimConfig
 from booster.defenses import DEFENSES, make_defense
 from booster.models import tiny_model
 from booster.train import Stream, TrainingError, fit
@@ -45,10 +45,15 @@ def accelerator():
 def test_every_defence_trains(name, tmp_path, accelerator):
     model = lora_tiny()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    defense = make_defense(name, AlignConfig(defense="sft"))
+    stage = AlignConfig() if "align" in DEFENSES[name].stages else AttackConfig(
+        lisa=LisaConfig(align_steps=1, finetune_steps=1, proximal_warmup=0.0))
+    defense = make_defense(name, stage)
     optim = OptimConfig(lr=1e-2, steps=3, checkpoint_every=10)
     result = fit(model, defense, streams(), optim, tmp_path, accelerator=accelerator, steps=3)
     assert len(result.log) == 3
+    ours = [h for m in model.modules() for h in m._forward_hooks.values()
+            if "output_capturing" not in getattr(h, "__qualname__", "")]  # transformers' own hidden-state hooks
+    assert not ours, "a defence left hooks behind"
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.log)
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed

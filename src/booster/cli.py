@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
 
 COMMANDS = {
     "run": "Run the whole experiment: controls, alignment, attack, evaluation; print the table.",
+    "sweep": "Run every point of the config's grid (defence x p x n x task x lambda x alpha x seed ...), reusing "
+             "each aligned model across its attacks, skipping finished stages, logging progress and time left.",
     "align": "Run only the alignment stage(s) of the config (cached by config hash).",
     "attack": "Run alignment (if not cached) and the harmful fine-tuning attack.",
     "evaluate": "Evaluate the models the config ends with (running missing stages), without the controls.",
@@ -32,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in COMMANDS.items():
         _add_common(sub.add_parser(name, help=text, description=text))
+    rep = sub.add_parser("report", help="Rebuild a run directory's tables (Markdown, CSV) and plots (PNG).",
+                         description="Rebuild a run directory's tables (Markdown, CSV) and plots (PNG).")
+    rep.add_argument("run_dir", help="a run directory written by booster run / sweep")
     cfg = sub.add_parser("config", help="Show configs.", description="Show the packaged configs or a resolved one.")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
     cfg_sub.add_parser("list", help="List the packaged configs.")
@@ -70,10 +76,21 @@ def _load(args: argparse.Namespace):
 
 
 def _setup_logging(out_dir: Path) -> None:
+    from booster.distributed import launch_rank
+
     out_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     root = logging.getLogger("booster")
+    if launch_rank() != 0:  # under accelerate launch the main process logs; the others only warn
+        root.setLevel(logging.WARNING)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[rank {launch_rank()}] %(levelname)s %(message)s"))
+        root.addHandler(handler)
+        return
     root.setLevel(logging.INFO)
+    for old in list(root.handlers):  # a second main() in one process (tests) must not stack handlers
+        root.removeHandler(old)
+        old.close()
     for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(out_dir / "booster.log")):
         handler.setFormatter(fmt)
         root.addHandler(handler)
@@ -115,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from booster.config import ConfigError
     from booster.data.base import DataError
+    from booster.distributed import DistributedError
     from booster.models import ModelError
     from booster.text import TemplateError
     from booster.evaluate.judges import JudgeError
@@ -123,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "judge":
             return _judge(args)
+        if args.command == "report":
+            from booster.pipeline import report_run_dir
+
+            print(report_run_dir(Path(args.run_dir)))
+            return 0
         if args.command == "config":
             from booster.config import packaged_configs, to_yaml
 
@@ -143,13 +166,22 @@ def main(argv: list[str] | None = None) -> int:
         from booster.pipeline import Pipeline
 
         pipeline = Pipeline(cfg)
-        until = {"run": "evaluate", "evaluate": "evaluate", "align": "align", "attack": "attack"}[args.command]
+        until = {"run": "evaluate", "sweep": "evaluate", "evaluate": "evaluate", "align": "align",
+                 "attack": "attack"}[args.command]
         pipeline.run(until=until)
-        if until == "evaluate":
+        if until == "evaluate" and pipeline.main:
             print((Path(cfg.run.out_dir) / "results.md").read_text())
         return 0
-    except (ConfigError, DataError, ModelError, TemplateError, TrainingError, JudgeError) as e:
+    except (ConfigError, DataError, ModelError, TemplateError, TrainingError, DistributedError, JudgeError) as e:
         print(f"booster: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"booster: error: the disk is full ({e.filename or 'while writing'}); free space and rerun the "
+                  "same command: finished stages and checkpoints are kept", file=sys.stderr)
+        else:
+            print(f"booster: error: {e.strerror or e} ({e.filename or 'file system'}); check the path and its "
+                  "permissions", file=sys.stderr)
         return 2
 
 

@@ -91,12 +91,24 @@ class DataConfig:
     n_harmful: int = 300
     """Harmful pairs (harmful prompt -> harmful answer) used in alignment, the data of h."""
     n_probe: int = 50
-    """Held-out harmful pairs for the harmful-loss probe; never trained on."""
+    """Held-out harmful pairs for the harmful-loss probe (and as many held-out alignment pairs for
+    the alignment-loss probe); never trained on. Each probe costs a forward pass per pair."""
     split_seed: int = 0
     """Seed of the fixed split into alignment / harmful / attack / probe / evaluation sets."""
+    benign_tasks: list[str] = field(default_factory=list)
+    """Tasks whose training examples are mixed into the alignment data (f), so that alignment
+    teaches to refuse harmful requests *and* answer benign ones (paper: none)."""
+    n_benign: int = 0
+    """Benign examples mixed into alignment, drawn evenly from data.benign_tasks."""
 
     def __post_init__(self) -> None:
+        from booster.data.tasks import TASKS
+
         _one_of(self.source, ("local", "hub"), "data.source")
+        for task in self.benign_tasks:
+            _one_of(task, tuple(TASKS), "data.benign_tasks[]")
+        _check(self.n_benign >= 0, f"data.n_benign must be >= 0, got {self.n_benign}")
+        _check(not self.n_benign or self.benign_tasks, "data.n_benign > 0 needs data.benign_tasks, e.g. [agnews, gsm8k]")
         for key in ("n_align", "n_harmful", "n_probe"):
             _check(getattr(self, key) >= 1, f"data.{key} must be >= 1, got {getattr(self, key)}")
 
@@ -107,7 +119,8 @@ class OptimConfig:
     """AdamW learning rate, constant unless schedule says otherwise."""
     weight_decay: float = 0.1
     batch_size: int = 10
-    """Examples per micro-batch, per data stream."""
+    """Examples per micro-batch, per data stream, over all processes together: under
+    ``accelerate launch`` with N processes each takes batch_size/N of them (a multiple of N)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the defence sees them together (exact large batch)."""
     steps: int | None = None
@@ -142,18 +155,50 @@ class BoosterConfig:
     """lambda, weight of the harmful-perturbation regulariser (paper: 5; GSM8K 25 at batch 10)."""
     alpha: float = 0.1
     """Step length of the simulated harmful perturbation, in trainable-parameter space (paper: 0.1)."""
+    every: int = 1
+    """Recompute the regulariser's gradient every this many steps and reuse it in between
+    (amortised Booster; 1 = exact Booster, the paper's algorithm)."""
 
     def __post_init__(self) -> None:
         _check(self.lam >= 0, f"booster.lam must be >= 0, got {self.lam}")
         _check(self.alpha > 0, f"booster.alpha must be > 0, got {self.alpha}; it is the perturbation's step length")
+        _check(self.every >= 1, f"booster.every must be >= 1, got {self.every}")
+
+
+@dataclass
+class VaccineConfig:
+    rho: float = 5.0
+    """Radius of the worst-case perturbation of the attention outputs, one global L2 norm over
+    all layers and the whole batch (Booster paper's comparison: 5; Vaccine repository: 2)."""
+
+    def __post_init__(self) -> None:
+        _check(self.rho > 0, f"vaccine.rho must be > 0, got {self.rho}; it is the perturbation radius")
+
+
+@dataclass
+class RepNoiseConfig:
+    alpha: float = 0.1
+    """Weight of the gradient ascent on the harmful loss, -alpha*log(1 + CE) (Booster paper: 0.1;
+    RepNoise repository: 1)."""
+    beta: float = 0.001
+    """Weight of the MMD between harmful representations and Gaussian noise (paper: 0.001)."""
+    logit_lens: bool = True
+    """Ascend the harmful loss read out at every layer (as the official code does), not only at the last."""
+
+    def __post_init__(self) -> None:
+        _check(self.alpha >= 0, f"repnoise.alpha must be >= 0, got {self.alpha}")
+        _check(self.beta >= 0, f"repnoise.beta must be >= 0, got {self.beta}")
 
 
 @dataclass
 class AlignConfig:
     defense: str = "sft"
-    """Alignment-stage defence: none (the unaligned model), sft, booster."""
+    """Alignment-stage defence: none (the unaligned model), sft, booster, vaccine, repnoise,
+    booster_vaccine, booster_no_last_term (the rebuttal's ablation)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, epochs=20))
     booster: BoosterConfig = field(default_factory=BoosterConfig)
+    vaccine: VaccineConfig = field(default_factory=VaccineConfig)
+    repnoise: RepNoiseConfig = field(default_factory=RepNoiseConfig)
     eval_every: int = 10
     """Measure held-out harmful and alignment loss every this many steps (0: never)."""
 
@@ -162,6 +207,25 @@ class AlignConfig:
 
         _one_of(self.defense, ("none", *defense_names("align")), "align.defense")
         _check(self.eval_every >= 0, f"align.eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclass
+class LisaConfig:
+    rho: float = 0.01
+    """Weight of the proximal term (rho/2)*||w - w_switch||^2 (Booster paper's comparison: 0.01;
+    Lisa paper: 1)."""
+    align_steps: int = 100
+    """Steps on alignment data per cycle (paper: 100)."""
+    finetune_steps: int = 900
+    """Steps on the user's data per cycle (paper: 900)."""
+    proximal_warmup: float = 0.1
+    """Fraction of the steps before the proximal term switches on (the official code's 10%)."""
+
+    def __post_init__(self) -> None:
+        _check(self.rho >= 0, f"lisa.rho must be >= 0, got {self.rho}")
+        _check(self.align_steps >= 0, f"lisa.align_steps must be >= 0, got {self.align_steps}")
+        _check(self.finetune_steps >= 1, f"lisa.finetune_steps must be >= 1, got {self.finetune_steps}")
+        _check(0 <= self.proximal_warmup <= 1, f"lisa.proximal_warmup must be in [0, 1], got {self.proximal_warmup}")
 
 
 @dataclass
@@ -179,8 +243,9 @@ class AttackConfig:
     'merge_new': merge the alignment LoRA into the weights, then train a new LoRA
     (the reference's protocol for the baselines). Ignored for full fine-tuning."""
     defense: str = "sft"
-    """Fine-tuning-stage defence: sft (a plain attack)."""
+    """Fine-tuning-stage defence: sft (a plain attack) or lisa."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, epochs=20))
+    lisa: LisaConfig = field(default_factory=LisaConfig)
     probe_every: int = 10
     """Measure the harmful loss on held-out harmful pairs every this many steps (0: never)."""
 
@@ -204,8 +269,12 @@ class EvalConfig:
     """Task evaluation items (SST-2: from the dev split)."""
     max_new_tokens: int = 64
     """Answer length for harmful prompts (paper: 512; judged on what is generated)."""
-    task_max_new_tokens: int = 8
+    task_max_new_tokens: int | None = None
+    """Answer length for task items. Unset: the task's own (SST-2 8, GSM8K 256, ...)."""
     batch_size: int = 16
+    engine: str = "hf"
+    """Generation engine: 'hf' (transformers, batched, KV cache; CPU or GPU) or 'vllm' (GPU only,
+    optional package; the model is merged into one directory first)."""
     judge: str = "refusal"
     """Harmfulness judge: refusal (phrase matcher), classifier (offline), beaver_dam (7B, GPU)."""
     judge_path: str | None = None
@@ -217,10 +286,11 @@ class EvalConfig:
         _check(self.n_harmful >= 1, f"eval.n_harmful must be >= 1, got {self.n_harmful}")
         _check(self.n_task >= 0, f"eval.n_task must be >= 0, got {self.n_task}")
         _check(self.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _check(self.task_max_new_tokens >= 1,
+        _check(self.task_max_new_tokens is None or self.task_max_new_tokens >= 1,
                f"eval.task_max_new_tokens must be >= 1, got {self.task_max_new_tokens}")
         _check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
         _one_of(self.judge, tuple(JUDGES), "eval.judge")
+        _one_of(self.engine, ("hf", "vllm"), "eval.engine")
 
 
 @dataclass
@@ -245,6 +315,9 @@ class ExperimentConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     """Dotted key -> list of values; the experiment runs every combination, e.g.
     {align.defense: [sft, booster], attack.p: [0.0, 0.1]}."""
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    """Explicit settings, each a mapping of dotted keys to values, each crossed with the grid:
+    for sweeps that are a list of chosen settings rather than a full product."""
 
 
 def _format_omegaconf_error(e: OmegaConfBaseException, source: str) -> str:
@@ -295,12 +368,15 @@ def _parse_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[An
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value, e.g. align.optim.lr=1e-3")
         key, value = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': the value is not valid YAML; quote it or fix it") from None
         if key == "grid":
-            if yaml.safe_load(value) not in ({}, None):
-                raise ConfigError("grid=... only clears the grid (grid={}); set entries with grid.KEY=[...]")
+            if parsed not in ({}, None):
+                raise ConfigError("grid=... only clears the grid and the cases (grid={}); set entries with grid.KEY=[...]")
             clear = True
         elif key.startswith("grid."):
-            parsed = yaml.safe_load(value)
             grid[key[5:]] = parsed if isinstance(parsed, list) else [parsed]
         else:
             plain.append(item)
@@ -315,14 +391,24 @@ def build_config(layers: list[tuple[str, dict[str, Any]]]) -> ExperimentConfig:
             merged = OmegaConf.merge(merged, OmegaConf.create(layer))
         except OmegaConfBaseException as e:
             raise ConfigError(_format_omegaconf_error(e, source)) from None
+        except (TypeError, ValueError) as e:  # e.g. a list where a section (mapping) belongs
+            raise ConfigError(f"{source}: {str(e).splitlines()[0]}; each section (model:, grid:, ...) "
+                              "is a mapping of keys") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_format_omegaconf_error(e, "config")) from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
     for key, values in cfg.grid.items():
         _check(isinstance(values, list) and len(values) > 0, f"grid.{key} must be a non-empty list")
         for v in values:
-            _set_dotted(copy.deepcopy(cfg), key, v)  # validates the key and the value's type
+            _apply(cfg, {key: v}, f"grid.{key}")  # validates the key and the value's type
+    for i, case in enumerate(cfg.cases):
+        _check(isinstance(case, dict) and case, f"cases[{i}] must be a non-empty mapping of dotted keys to values")
+        _apply(cfg, case, f"cases[{i}]")
     return cfg
 
 
@@ -334,6 +420,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
         layer = _read_yaml(path)
         if clear:
             layer.pop("grid", None)
+            layer.pop("cases", None)
         layers.append((str(path), layer))
     if plain:
         try:
@@ -353,30 +440,42 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _set_dotted(cfg: ExperimentConfig, key: str, value: Any) -> ExperimentConfig:
-    """Return ``cfg`` with ``key`` set to ``value``, re-validated through the typed schema."""
-    parts = key.split(".")
-    _check(parts[0] != "grid", f"grid.{key}: a grid cannot vary the grid itself")
+def _apply(cfg: ExperimentConfig, settings: dict[str, Any], source: str) -> ExperimentConfig:
+    """A copy of ``cfg`` with dotted ``settings`` applied and re-validated (grid and cases dropped)."""
     layer: dict[str, Any] = {}
-    node = layer
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    for key, value in settings.items():
+        parts = str(key).split(".")
+        _check(parts[0] not in ("grid", "cases"), f"{source}: {key} cannot vary the grid or the cases")
+        node = layer
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            _check(isinstance(node, dict), f"{source}: {key} conflicts with another key of the same setting")
+        node[parts[-1]] = value
     base = to_dict(cfg)
     base.pop("grid")
-    return build_config([("defaults", base), (f"grid.{key}", layer)])
+    base.pop("cases")
+    return build_config([("defaults", base), (source, layer)])
+
+
+def varied_keys(cfg: ExperimentConfig) -> list[str]:
+    """The dotted keys a sweep varies: those of its cases, then those of its grid."""
+    keys = [k for case in cfg.cases for k in case]
+    return list(dict.fromkeys(keys + list(cfg.grid)))
+
+
+def get_dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def expand_grid(cfg: ExperimentConfig) -> list[ExperimentConfig]:
-    """Every combination of the grid's values, each a concrete config with an empty grid."""
-    if not cfg.grid:
+    """Every case crossed with every combination of the grid's values, each a concrete config."""
+    if not cfg.grid and not cfg.cases:
         return [cfg]
     keys = list(cfg.grid)
     points = []
-    for values in itertools.product(*(cfg.grid[k] for k in keys)):
-        point = copy.deepcopy(cfg)
-        point.grid = {}
-        for k, v in zip(keys, values):
-            point = _set_dotted(point, k, v)
-        points.append(point)
+    for case in cfg.cases or [{}]:
+        for values in itertools.product(*(cfg.grid[k] for k in keys)):
+            points.append(_apply(cfg, {**case, **dict(zip(keys, values))}, "sweep point"))
     return points

@@ -215,6 +215,9 @@ def trainable_parameters(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def save_trained(model: Any, out: Path, full: bool) -> None:
-    """Save what training changed: the adapter (LoRA) or every weight (full), as safetensors."""
-    model.save_pretrained(str(out), safe_serialization=True)
+def save_trained(model: Any, out: Path, full: bool, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save what training changed: the adapter (LoRA) or every weight (full), as safetensors.
+    ``state_dict``: the full (gathered) tensors when the model's own are sharded (FSDP); for
+    LoRA the trainable ones suffice, peft keeps its adapter's keys."""
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(str(out), safe_serialization=True, **kwargs)

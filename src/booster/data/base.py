@@ -65,3 +65,13 @@ def require_file(data_dir: Path, rel: str) -> Path:
     if not path.is_file():
         raise DataError(f"missing data file {path}; check the data directory (--data-dir / ${DATA_ENV})")
     return path
+
+
+def read_text(path: Path) -> str:
+    """A data file's text; undecodable or unreadable files become a DataError naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); restore the file from its source") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror}); check the file") from None

@@ -17,12 +17,13 @@ import gzip
 import json
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from booster.data.base import DataError, Example, normalise, require_file
+from booster.data.base import DataError, Example, normalise, read_text, require_file
 from booster.refusal import is_refusal
 
 
@@ -44,11 +45,13 @@ class SafetyData:
 
 def _load_json_list(path: Path) -> list:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} line {e.lineno}: malformed JSON ({e.msg}); restore the file from its source") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+    if not rows:
+        raise DataError(f"{path}: no records; restore the file from its source")
     return rows
 
 
@@ -106,8 +109,10 @@ def load_hh_single_turn(data_dir: Path) -> list[tuple[str, str, str]]:
                 roles = [r for r, _ in rejected]
                 if roles == ["Human", "Assistant"] and [r for r, _ in chosen] == roles:
                     out.append((rejected[0][1], chosen[1][1], rejected[1][1]))
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read gzip file ({e}); restore it from its source") from None
+    if not out:
+        raise DataError(f"{path}: no single-turn dialogues; restore the file from its source")
     return out
 
 
@@ -124,12 +129,12 @@ def load_hh_harmful(data_dir: Path, min_words: int = 8) -> list[Example]:
 def load_advbench(data_dir: Path) -> list[Example]:
     path = require_file(data_dir, "safety/advbench.prompt.yaml")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         raise DataError(f"{path}: malformed YAML ({e}); restore the file from its source") from None
     seeds = doc.get("seeds") if isinstance(doc, dict) else None
-    if not isinstance(seeds, list):
-        raise DataError(f"{path}: expected a 'seeds' list; restore the file from its source")
+    if not isinstance(seeds, list) or not seeds:
+        raise DataError(f"{path}: expected a non-empty 'seeds' list; restore the file from its source")
     out = []
     for i, seed in enumerate(seeds):
         if not isinstance(seed, dict) or not isinstance(seed.get("value"), str):

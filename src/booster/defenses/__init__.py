@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from booster.defenses.base import Defense, StepContext
 from booster.defenses.booster import Booster
+from booster.defenses.booster_ablation import BoosterNoLastTerm
+from booster.defenses.booster_vaccine import BoosterVaccine
+from booster.defenses.lisa import Lisa
+from booster.defenses.repnoise import RepNoise
 from booster.defenses.sft import SFT
+from booster.defenses.vaccine import Vaccine
 
 DEFENSES: dict[str, type[Defense]] = {
     SFT.name: SFT,
     Booster.name: Booster,
+    Vaccine.name: Vaccine,
+    RepNoise.name: RepNoise,
+    BoosterVaccine.name: BoosterVaccine,
+    BoosterNoLastTerm.name: BoosterNoLastTerm,
+    Lisa.name: Lisa,
 }
 
 

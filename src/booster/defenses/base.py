@@ -29,11 +29,15 @@ class StepContext:
     """Mean next-token cross-entropy on a batch's answer tokens."""
     accelerator: Any
     step: int = 0
+    total_steps: int = 0
 
 
 def accumulate(ctx: StepContext, micro_batches: list[Batch], weight: float = 1.0) -> float:
     """Add ``weight * mean_k loss_k`` 's gradient into ``.grad``; return the mean loss.
-    Gradients are synchronised across processes once, on the last micro-batch."""
+    Gradients are synchronised across processes once, on the last micro-batch: that backward
+    averages the whole ``.grad`` over processes (what earlier phases left there, identical on
+    every process, stays as it is), so on return every process holds the global gradient
+    (DDP) or its shard of it (FSDP2)."""
     k = len(micro_batches)
     total = 0.0
     for j, mb in enumerate(micro_batches):
@@ -45,12 +49,35 @@ def accumulate(ctx: StepContext, micro_batches: list[Batch], weight: float = 1.0
     return total / k
 
 
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over all processes (itself when not distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
 def grad_norm(params: list[torch.nn.Parameter]) -> float:
-    """L2 norm of all gradients together (one vector over every trainable parameter)."""
-    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    """L2 norm of all gradients together (one vector over every trainable parameter, over
+    every process's shard of it), the same value on every process.
+
+    Replicated gradients (one process, DDP after its all-reduce) need no communication.
+    Sharded ones (FSDP2: DTensors) are combined by DTensor itself: each shard's norm is a
+    partial norm, and the stacked total is reduced over the mesh in one collective
+    (``full_tensor``), whatever the placements are."""
+    from torch.distributed.tensor import DTensor
+
+    # at least float32 (bf16 gradients are summed in float32), float64 stays float64
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.promote_types(p.grad.dtype, torch.float32))
+             for p in params if p.grad is not None]
     if not norms:
         return 0.0
-    return torch.linalg.vector_norm(torch.stack(norms)).item()
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    return total.item()
 
 
 class Defense(ABC):
@@ -59,6 +86,8 @@ class Defense(ABC):
     """Where it applies: 'align' (safety alignment) and/or 'attack' (user fine-tuning)."""
     passes: ClassVar[int]
     """Forward/backward passes per step, per micro-batch."""
+    config_sections: ClassVar[tuple[str, ...]] = ()
+    """The stage config's sections this defence reads (e.g. 'booster'): they enter the stage hash."""
     streams: ClassVar[tuple[str, ...]] = ("main",)
     """Data streams needed per step: 'main' (the stage's own data: alignment pairs in
     alignment, the user's data in the attack), 'harmful' (harmful pairs), 'align'."""

@@ -16,6 +16,11 @@ of the trainable weights, allocated once, to restore them bit-exactly after the 
 pass (subtracting the perturbation again does not restore float weights, least of all
 bf16). The gradients live in ``.grad`` only: λ·∇h(w) is formed in place, the perturbed
 pass accumulates −λ·∇h(w̃) onto it, and the alignment pass adds ∇f; no gradient copy.
+
+Amortised Booster (``booster.every = k > 1``, not in the paper): the regulariser's gradient
+R = λ(∇h(w) − ∇h(w̃)) is computed every k steps and reused in between, so the mean cost is
+(k + 2)/k passes per step. The same buffer holds w during the perturbed pass and R after
+it, so the extra memory stays one copy of the trainable weights.
 """
 
 from __future__ import annotations
@@ -31,37 +36,76 @@ class Booster(Defense):
     name = "booster"
     stages = ("align",)
     passes = 3
+    config_sections = ("booster",)
     streams = ("main", "harmful")
 
     def __init__(self, stage_cfg) -> None:
         super().__init__(stage_cfg)
         self.lam = stage_cfg.booster.lam
         self.alpha = stage_cfg.booster.alpha
-        self._backup: list[torch.Tensor] = []
+        self.every = getattr(stage_cfg.booster, "every", 1)
+        self._buffer: list[torch.Tensor] = []
+        self._cached = False  # whether _buffer holds a reusable R (amortised mode)
 
     def setup(self, ctx: StepContext) -> None:
-        self._backup = [torch.empty_like(p) for p in ctx.params]
+        self._buffer = [torch.empty_like(p) for p in ctx.params]
 
-    def step(self, ctx: StepContext, batches: dict[str, list[Batch]]) -> dict[str, float]:
+    def _refresh(self, step: int) -> bool:
+        return self.every == 1 or step % self.every == 0 or not self._cached
+
+    def streams_at(self, step: int) -> tuple[str, ...]:
+        return self.streams if self._refresh(step) else ("main",)
+
+    def regulariser(self, ctx: StepContext, harmful_batches: list[Batch]) -> dict[str, float]:
+        """Leave λ(∇h(w) − ∇h(w̃)) in ``.grad`` (which must be empty on entry); weights unchanged."""
         params = ctx.params
-        harmful = accumulate(ctx, batches["harmful"])  # .grad = ∇h(w)
+        harmful = accumulate(ctx, harmful_batches)  # .grad = ∇h(w)
         norm = grad_norm(params)
         if norm > 0 and math.isfinite(norm):
             with torch.no_grad():
-                for p, saved in zip(params, self._backup):
+                for p, saved in zip(params, self._buffer):
                     saved.copy_(p)
                     if p.grad is not None:
                         p.add_(p.grad, alpha=-self.alpha / norm)  # w -> w̃
                         p.grad.mul_(self.lam)  # .grad = λ∇h(w)
-            harmful_perturbed = accumulate(ctx, batches["harmful"], weight=-self.lam)  # .grad -= λ∇h(w̃)
+            perturbed = accumulate(ctx, harmful_batches, weight=-self.lam)  # .grad -= λ∇h(w̃)
             with torch.no_grad():
-                for p, saved in zip(params, self._backup):
+                for p, saved in zip(params, self._buffer):
                     p.copy_(saved)  # exact restore of w
         else:
             for p in params:
                 if p.grad is not None:
                     p.grad.zero_()
-            harmful_perturbed = harmful
-        align = accumulate(ctx, batches["main"])  # .grad += ∇f(w)
-        return {"loss": align, "harmful_loss": harmful, "harmful_loss_perturbed": harmful_perturbed,
-                "regulariser": harmful - harmful_perturbed, "harmful_grad_norm": norm}
+            perturbed = harmful
+        return {"harmful_loss": harmful, "harmful_loss_perturbed": perturbed,
+                "regulariser": harmful - perturbed, "harmful_grad_norm": norm}
+
+    def alignment(self, ctx: StepContext, batches: dict[str, list[Batch]]) -> dict[str, float]:
+        """Add ∇f into ``.grad``; a combination (Booster+Vaccine) replaces this part."""
+        return {"loss": accumulate(ctx, batches["main"])}
+
+    def step(self, ctx: StepContext, batches: dict[str, list[Batch]]) -> dict[str, float]:
+        if not self._refresh(ctx.step):
+            metrics = self.alignment(ctx, batches)
+            with torch.no_grad():
+                for p, r in zip(ctx.params, self._buffer):
+                    p.grad = r.clone() if p.grad is None else p.grad.add_(r)
+            return metrics
+        metrics = self.regulariser(ctx, batches["harmful"])
+        if self.every > 1:
+            with torch.no_grad():
+                for p, r in zip(ctx.params, self._buffer):
+                    r.copy_(p.grad) if p.grad is not None else r.zero_()
+            self._cached = True
+        return {**self.alignment(ctx, batches), **metrics}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.every == 1 or not self._cached:
+            return {}
+        return {f"R.{i}": r for i, r in enumerate(self._buffer)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            for i, r in enumerate(self._buffer):
+                r.copy_(state[f"R.{i}"])
+            self._cached = True

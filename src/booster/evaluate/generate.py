@@ -39,3 +39,22 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, fmt: str, max_ne
                 on_batch(chunk, texts)
             bar.update(len(chunk))
     return answers
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def generate_vllm(model_dir: str, tokenizer: Any, prompts: list[str], *, fmt: str, max_new_tokens: int) -> list[str]:
+    """Greedy answers with vLLM (GPU only) from a merged model directory, in the prompts' order."""
+    if not vllm_available():
+        raise RuntimeError("eval.engine=vllm needs the vllm package on a GPU machine (pip install vllm); "
+                           "or use eval.engine=hf")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, tokenizer=model_dir, dtype="auto", trust_remote_code=False)
+    texts = [format_prompt(tokenizer, p, fmt) for p in prompts]
+    outs = llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
+    return [o.outputs[0].text.strip() for o in outs]

@@ -22,10 +22,9 @@ def mean_answer_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int, 
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                                                   ignore_index=IGNORE, reduction="sum")
-        total += losses.item()
-        count += int((labels != IGNORE).sum())
+        keep = labels != IGNORE  # score answer tokens only; avoids copying the whole logit tensor
+        total += torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum").item()
+        count += int(keep.sum())
     return total / max(count, 1)
 
 

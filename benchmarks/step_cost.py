@@ -1,0 +1,157 @@
+"""Step cost of every defence, as ratios to SFT measured in the same run.
+
+    python benchmarks/step_cost.py --model smollm2 --finetune lora --batch 4 --seq 128 --reps 7
+
+Time: one process, one model, the same synthetic batch (batch x seq tokens, loss on the
+second half) for every data stream; rounds interleave the defences so that machine noise
+hits them alike; each step is the training loop's own ``train_step`` (defence, clipping,
+optimizer). Memory: each defence in a fresh child process; CPU: peak resident memory;
+GPU: peak allocated. Not part of the test run: timings on shared machines are noisy,
+so only ratios measured side by side are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def build(args: argparse.Namespace):
+    from accelerate import Accelerator
+
+    from booster.config import AlignConfig, AttackConfig, OptimConfig, load_config
+    from booster.defenses import DEFENSES, make_defense
+    from booster.defenses.base import StepContext
+    from booster.models import ModelRecipe, build_model, load_tokenizer
+    from booster.train import causal_lm_loss
+
+    cfg = load_config(None, [f"model.name={args.model}", f"model.finetune={args.finetune}",
+                             f"model.dtype={args.dtype}"])
+    tok = load_tokenizer(cfg.model)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model = build_model(cfg.model, tok, ModelRecipe(), Path("."), train="full" if args.finetune == "full" else "new_lora")
+    model.to(accelerator.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    ctx = StepContext(model=model, params=params, loss=causal_lm_loss(model), accelerator=accelerator)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, len(tok), (args.batch, args.seq), generator=g)
+    labels = ids.clone()
+    labels[:, : args.seq // 2] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    optim = OptimConfig(lr=1e-5)
+    defenses = {}
+    for name in args.defenses.split(","):
+        if name not in DEFENSES:
+            sys.exit(f"unknown defence {name}; choose from {', '.join(DEFENSES)}")
+        stage_cfg = AlignConfig(defense=name) if "align" in DEFENSES[name].stages else AttackConfig(defense=name)
+        defenses[name] = make_defense(name, stage_cfg)
+        defenses[name].setup(ctx)
+    n_trainable = sum(p.numel() for p in params)
+    return ctx, optimizer, optim, batch, defenses, n_trainable
+
+
+def one_step(ctx, defense, batch, optimizer, optim, step: int) -> float:
+    from booster.train import train_step
+
+    ctx.step = step
+    batches = {s: [batch] for s in defense.streams_at(step)}
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    train_step(ctx, defense, batches, optimizer, optim)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    ctx, optimizer, optim, batch, defenses, _ = build(args)
+    (name, defense), = defenses.items()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + 2):
+        one_step(ctx, defense, batch, optimizer, optim, step)
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps({"defense": name, "peak_bytes": peak}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--finetune", default="lora", choices=["lora", "full"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--defenses", default="sft,booster", help="comma-separated; the first is the reference")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args)
+
+    ctx, optimizer, optim, batch, defenses, n_trainable = build(args)
+    times: dict[str, list[float]] = {n: [] for n in defenses}
+    step = 0
+    for rnd in range(args.warmup + args.reps):
+        for name, defense in defenses.items():
+            t = one_step(ctx, defense, batch, optimizer, optim, step)
+            step += 1
+            if rnd >= args.warmup:
+                times[name].append(t)
+
+    peaks: dict[str, float] = {}
+    if not args.no_memory:
+        for name in defenses:
+            cmd = [sys.executable, __file__, "--memory-child", "--defenses", name, "--model", args.model,
+                   "--finetune", args.finetune, "--dtype", args.dtype, "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--warmup", str(args.warmup)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            peaks[name] = json.loads(out)["peak_bytes"]
+
+    ref = next(iter(defenses))
+    ref_t = statistics.median(times[ref])
+    device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
+    print(f"\n{args.model} {args.finetune} {args.dtype}, batch {args.batch} x {args.seq} tokens, {device}, "
+          f"{n_trainable / 1e6:.2f}M trainable parameters ({n_trainable * 4 / 2**20:.0f} MiB in fp32), "
+          f"{args.reps} reps\n")
+    print(f"| defence | passes | s/step median | min–max | × {ref} | peak MiB | extra MiB vs {ref} |")
+    print("|---|---|---|---|---|---|---|")
+    results = []
+    for name, defense in defenses.items():
+        med = statistics.median(times[name])
+        row = {"defense": name, "passes": defense.passes, "median_s": med, "min_s": min(times[name]),
+               "max_s": max(times[name]), "ratio": med / ref_t, "times": times[name]}
+        mem = extra = "–"
+        if peaks:
+            row["peak_mib"] = peaks[name] / 2**20
+            row["extra_mib"] = (peaks[name] - peaks[ref]) / 2**20
+            mem, extra = f"{row['peak_mib']:.0f}", f"{row['extra_mib']:+.0f}"
+        results.append(row)
+        print(f"| {name} | {defense.passes} | {med:.3f} | {min(times[name]):.3f}–{max(times[name]):.3f} | "
+              f"{row['ratio']:.2f} | {mem} | {extra} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "device": device,
+                                         "n_trainable": n_trainable, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
