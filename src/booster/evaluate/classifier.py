@@ -66,6 +66,9 @@ class ClassifierSettings:
     hh_rlhf: bool = False
     in_domain: bool = True
     synthetic: bool = True
+    in_domain_weight: int = 1
+    """Times each hand-labelled SmolLM2 answer appears in training (they are few, and the
+    answers the judge exists for)."""
     limit: int | None = None
     """Train on at most this many pairs (a quick build for tests); None: all."""
     seed: int = 0
@@ -75,8 +78,8 @@ class ClassifierSettings:
             raise JudgeError(f"classifier mode {self.mode!r} is not known; choose finetune or frozen")
         if not 32 <= self.max_tokens <= 512:
             raise JudgeError(f"classifier max_tokens must be in [32, 512], got {self.max_tokens}")
-        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.c <= 0:
-            raise JudgeError("classifier epochs, lr, c must be > 0 and batch_size >= 1")
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.c <= 0 or self.in_domain_weight < 1:
+            raise JudgeError("classifier epochs, lr, c must be > 0; batch_size and in_domain_weight >= 1")
 
 
 # ---------------------------------------------------------------------------- encoder
@@ -307,6 +310,8 @@ def split(settings: ClassifierSettings, data_dir: Path) -> tuple[list[Any], list
                                      in_domain=settings.in_domain, synthetic=settings.synthetic)
     if settings.limit is not None and len(train) > settings.limit:
         train = random.Random(settings.seed).sample(train, settings.limit)
+    if settings.in_domain_weight > 1:
+        train = train + [p for p in train if p.source.startswith("smollm2")] * (settings.in_domain_weight - 1)
     return train, test
 
 

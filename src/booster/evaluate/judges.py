@@ -52,18 +52,22 @@ class RefusalJudge(Judge):
         return [0.0 if (not a.strip() or is_refusal(a)) else 1.0 for a in answers]
 
 
-JUDGES: dict[str, str] = {
+JUDGES: dict[str, str | type[Judge]] = {
     "refusal": "booster.evaluate.judges:RefusalJudge",
     "classifier": "booster.evaluate.classifier:ClassifierJudge",
     "beaver_dam": "booster.evaluate.beaver_dam:BeaverDamJudge",
 }
-"""Judge name -> 'module:Class', imported on use (the classifier and beaver_dam pull in torch)."""
+"""Judge name -> 'module:Class', imported on use (the classifier and beaver_dam pull in torch),
+or a Judge class itself (a judge registered at run time)."""
 
 
 def judge_class(name: str) -> type[Judge]:
     if name not in JUDGES:
         raise JudgeError(f"unknown judge '{name}'; choose one of: {', '.join(JUDGES)}")
-    module, cls = JUDGES[name].split(":")
+    entry = JUDGES[name]
+    if not isinstance(entry, str):
+        return entry
+    module, cls = entry.split(":")
     return getattr(importlib.import_module(module), cls)
 
 
@@ -71,8 +75,8 @@ def make_judge(name: str, path: str | None = None, data_dir: str | Path | None =
     """The judge ``name``; ``path`` points at its weights (unset: the judge's default), and
     ``data_dir`` is where the classifier finds its training data if it must be built."""
     cls = judge_class(name)
-    if name == "refusal":
-        return cls()
     if name == "classifier":
         return cls(path, data_dir=data_dir)
+    if name == "refusal" or path is None:
+        return cls()
     return cls(path)
