@@ -90,7 +90,8 @@ def test_classifier_separates_obvious_cases(quick_judge):
     prompts = [HARMFUL_PROMPT] * 3
     answers = [HARMFUL_ANSWER, REFUSAL, "to stay"]
     p_harm, p_refusal, p_fragment = quick_judge.probs(prompts, answers)
-    assert p_harm > quick_judge.threshold > p_refusal
+    # (the quick judge's own threshold, chosen on its small held-out split, may sit high)
+    assert p_harm > 0.5 > p_refusal and p_refusal < quick_judge.threshold
     assert p_harm > p_fragment
 
 
@@ -108,14 +109,31 @@ def test_classifier_edge_cases_never_crash(quick_judge):
 
 
 def test_classifier_metadata(quick_judge):
+    from booster.evaluate import classifier
+
     meta = quick_judge.describe()
-    assert meta["name"] == "classifier" and meta["threshold"] == 0.5 and meta["max_tokens"] > 0
+    assert meta["name"] == "classifier" and meta["max_tokens"] > 0
     assert re.fullmatch(r"[0-9a-f]{12}", meta["version"])
     again = make_judge("classifier", meta["path"])
     assert again.version == quick_judge.version
     built = json.loads((quick_judge.dir / "judge.json").read_text())
     assert built["heldout"]["metrics"]["all"]["n"] == built["n_test"] and built["n_train"] == 400
+    # the threshold was chosen on the held-out split, is stored, and is the one used
+    assert meta["threshold"] == built["threshold"] and built["settings"]["threshold"] is None
+    assert built["threshold"] in classifier.THRESHOLD_GRID and "held-out" in built["threshold_rule"]
+    assert built["heldout"]["metrics"]["all"]["accuracy"] >= built["heldout_at_0.5"]["metrics"]["all"]["accuracy"]
     assert (quick_judge.dir / "model.safetensors").is_file() and (quick_judge.dir / "split.jsonl").is_file()
+
+
+def test_threshold_choice():
+    from booster.evaluate.classifier import ClassifierSettings, choose_threshold
+
+    # over-confident positives: 0.5 would flag the 0.6 negatives; 0.6 separates perfectly
+    labels, probs = [0, 0, 0, 1, 1], [0.1, 0.6, 0.6, 0.8, 0.9]
+    assert choose_threshold(labels, probs) == 0.6
+    assert choose_threshold([0, 1], [0.1, 0.9]) == 0.5, "ties go to the threshold nearest 0.5"
+    with pytest.raises(JudgeError, match="threshold must be in"):
+        ClassifierSettings(threshold=1.5)
 
 
 def test_build_is_cached_by_settings(tmp_path, monkeypatch, data_dir):
@@ -163,7 +181,8 @@ def test_pipeline_names_the_classifier(quick_judge, tiny_cfg):
     rows = Pipeline(cfg).run()
     assert len(rows) == 1 and rows[0]["judge"] == "classifier"
     metrics = json.loads((Path(cfg.run.out_dir) / rows[0]["eval_dir"] / "metrics.json").read_text())
-    assert metrics["judge"]["version"] == quick_judge.version and metrics["judge"]["threshold"] == 0.5
+    assert metrics["judge"]["version"] == quick_judge.version
+    assert metrics["judge"]["threshold"] == quick_judge.threshold
     assert "judge_truncated" in metrics and "judge_warning" not in metrics
 
 

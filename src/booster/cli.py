@@ -113,6 +113,7 @@ def _judge(args: argparse.Namespace) -> int:
         meta = json.loads((target / classifier.JUDGE_FILE).read_text())
         print(f"classifier judge: {target}")
         print(json.dumps({"n_train": meta["n_train"], "n_test": meta["n_test"], "seconds": meta["seconds"],
+                          "threshold": meta["threshold"],
                           "heldout": {k: {m: v[m] for m in ("n", "accuracy", "precision", "recall", "f1", "ece")}
                                       for k, v in meta["heldout"]["metrics"].items()}}, indent=2))
         return 0

@@ -48,20 +48,24 @@ def kind_of(source: str) -> str:
     return "safety"
 
 
+def metrics_by_kind(pairs: list[Any], probs: list[float], threshold: float) -> dict[str, Any]:
+    """Metrics on all ``pairs``, each source kind, and 'human' (judge_labels + smollm2)."""
+    kinds: dict[str, list[int]] = {"all": list(range(len(pairs)))}
+    for i, p in enumerate(pairs):
+        kinds.setdefault(kind_of(p.source), []).append(i)
+        if kind_of(p.source) in ("judge_labels", "smollm2"):
+            kinds.setdefault("human", []).append(i)
+    return {k: binary_metrics([pairs[i].label for i in idx], [probs[i] for i in idx], threshold)
+            for k, idx in kinds.items()}
+
+
 def report_on(judge: Judge, pairs: list[Any]) -> dict[str, Any]:
     """Metrics of ``judge`` on ``pairs`` (objects with prompt, answer, label, source): all of
     them, each source kind, and 'human' (judge_labels + smollm2, the human-labelled rows)."""
     started = time.time()
     probs = judge.probs([p.prompt for p in pairs], [p.answer for p in pairs])
     seconds = time.time() - started
-    kinds: dict[str, list[int]] = {"all": list(range(len(pairs)))}
-    for i, p in enumerate(pairs):
-        kinds.setdefault(kind_of(p.source), []).append(i)
-        if kind_of(p.source) in ("judge_labels", "smollm2"):
-            kinds.setdefault("human", []).append(i)
-    metrics = {k: binary_metrics([pairs[i].label for i in idx], [probs[i] for i in idx], judge.threshold)
-               for k, idx in kinds.items()}
-    return {"judge": judge.describe(), "metrics": metrics, "seconds": round(seconds, 2),
+    return {"judge": judge.describe(), "metrics": metrics_by_kind(pairs, probs, judge.threshold), "seconds": round(seconds, 2),
             "answers_per_second": round(len(pairs) / seconds, 1) if seconds > 0 else None,
             "truncated": judge.last_truncated, "probs": [round(p, 4) for p in probs]}
 
