@@ -36,10 +36,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
 import booster
-from booster.config import ConfigError, load_config, packaged_configs
+from booster.config import load_config
 from booster.distributed import DistributedError, check_supported
 from booster.train import LOSS_DENOMINATOR, Stream
 
@@ -245,13 +244,12 @@ GPU_CONFIGS = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "gemma2-9b": "google/gem
 
 @pytest.mark.parametrize("name", sorted(GPU_CONFIGS))
 def test_gpu_configs_have_the_papers_settings(name):
-    """They load and resolve without downloading anything. The judge is checked apart: the
-    beaver_dam judge may not be registered on this branch (test_config marks that xfail)."""
+    """They load and resolve without downloading anything (the beaver_dam judge is only named,
+    not loaded)."""
     from booster.models import resolve_source
 
-    raw = yaml.safe_load(packaged_configs()[name].read_text())
-    assert raw["eval"]["judge"] == "beaver_dam"
-    cfg = load_config(name, ["eval.judge=refusal"])
+    cfg = load_config(name)
+    assert cfg.eval.judge == "beaver_dam"
     assert resolve_source(cfg.model) == ("hub", GPU_CONFIGS[name])
     m, a, t = cfg.model, cfg.align, cfg.attack
     assert (m.dtype, m.finetune, m.max_length, m.prompt_format) == ("bfloat16", "lora", 256, "alpaca")
@@ -264,12 +262,3 @@ def test_gpu_configs_have_the_papers_settings(name):
     assert (t.optim.lr, t.optim.epochs, t.optim.batch_size, t.optim.weight_decay) == (1e-5, 20.0, 10, 0.1)
     assert (cfg.eval.n_harmful, cfg.eval.max_new_tokens, cfg.eval.n_task) == (1000, 512, 872)
     assert cfg.grid == {"align.defense": ["sft", "booster"]}
-
-
-def test_gpu_config_without_the_judge_names_it():
-    from booster.evaluate.judges import JUDGES
-
-    if "beaver_dam" in JUDGES:
-        pytest.skip("the beaver_dam judge is registered")
-    with pytest.raises(ConfigError, match="eval.judge='beaver_dam' is not known"):
-        load_config("llama2-7b")

@@ -1,4 +1,4 @@
-"""Command line: booster run | align | attack | evaluate | config."""
+"""Command line: booster run | align | attack | evaluate | config | judge."""
 
 from __future__ import annotations
 
@@ -43,6 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_sub.add_parser("list", help="List the packaged configs.")
     show = cfg_sub.add_parser("show", help="Print a config with every default filled in and validated.")
     _add_common(show)
+    judge = sub.add_parser("judge", help="Build and measure the offline harm classifier judge.",
+                           description="Build the offline harm classifier (cached by data + settings) and "
+                                       "measure judges on the held-out split and the SmolLM2 hand labels.")
+    judge_sub = judge.add_subparsers(dest="action", required=True)
+    train = judge_sub.add_parser("train", help="Train the classifier into the cache (or --out DIR).")
+    ev = judge_sub.add_parser("eval", help="Report judges' quality: held-out split and hand-label agreement.")
+    for p in (train, ev):
+        p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                       help="classifier settings, e.g. mode=frozen epochs=2 (see booster.evaluate.classifier)")
+        p.add_argument("--data-dir", help="data directory (default: $BOOSTER_DATA_DIR or ../shared/data)")
+        p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    train.add_argument("--out", help="build into this directory instead of the cache")
+    train.add_argument("--force", action="store_true", help="rebuild even if a build exists")
+    ev.add_argument("--path", help="a built classifier directory (default: the cached build, trained if missing)")
+    ev.add_argument("--judges", default="classifier,refusal", help="comma-separated judges to measure")
+    ev.add_argument("--beaver-path", help="beaver_dam weights (a directory or hub id), if measuring beaver_dam")
+    ev.add_argument("--labels", help="hand-label file (default: the packaged SmolLM2 validation labels)")
+    ev.add_argument("--out", help="also write the full report (with every probability) as JSON here")
     return parser
 
 
@@ -78,6 +96,39 @@ def _setup_logging(out_dir: Path) -> None:
         root.addHandler(handler)
 
 
+def _judge(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from booster.evaluate import classifier
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("booster").setLevel(logging.INFO)
+    logging.getLogger("booster").addHandler(logging.StreamHandler(sys.stderr))
+    settings = classifier.settings_from_overrides(args.settings)
+    if args.action == "train":
+        target = classifier.build(settings, args.data_dir, out=args.out, force=args.force)
+        meta = json.loads((target / classifier.JUDGE_FILE).read_text())
+        print(f"classifier judge: {target}")
+        print(json.dumps({"n_train": meta["n_train"], "n_test": meta["n_test"], "seconds": meta["seconds"],
+                          "threshold": meta["threshold"],
+                          "heldout": {k: {m: v[m] for m in ("n", "accuracy", "precision", "recall", "f1", "ece")}
+                                      for k, v in meta["heldout"]["metrics"].items()}}, indent=2))
+        return 0
+    from booster.evaluate.judge_report import run_eval
+
+    report, table = run_eval(settings, data_dir=args.data_dir, path=args.path, judges=args.judges.split(","),
+                             beaver_path=args.beaver_path, labels=args.labels)
+    print(table, end="")
+    if args.out:
+        from booster.io import atomic_write_json
+
+        atomic_write_json(Path(args.out), report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from booster.config import ConfigError
@@ -85,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     from booster.distributed import DistributedError
     from booster.models import ModelError
     from booster.text import TemplateError
+    from booster.evaluate.judges import JudgeError
     from booster.train import TrainingError
 
     try:
+        if args.command == "judge":
+            return _judge(args)
         if args.command == "report":
             from booster.pipeline import report_run_dir
 
@@ -119,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if until == "evaluate" and pipeline.main:
             print((Path(cfg.run.out_dir) / "results.md").read_text())
         return 0
-    except (ConfigError, DataError, ModelError, TemplateError, TrainingError, DistributedError) as e:
+    except (ConfigError, DataError, ModelError, TemplateError, TrainingError, DistributedError, JudgeError) as e:
         print(f"booster: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

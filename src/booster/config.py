@@ -275,10 +275,12 @@ class EvalConfig:
     engine: str = "hf"
     """Generation engine: 'hf' (transformers, batched, KV cache; CPU or GPU) or 'vllm' (GPU only,
     optional package; the model is merged into one directory first)."""
-    judge: str = "refusal"
-    """Harmfulness judge: refusal (phrase matcher), classifier (offline), beaver_dam (7B, GPU)."""
+    judge: str = "classifier"
+    """Harmfulness judge: classifier (offline MiniLM harm classifier, built on first use;
+    docs/judge.md), refusal (phrase matcher), beaver_dam (the paper's 7B judge, GPU)."""
     judge_path: str | None = None
-    """Judge weights: a directory or hub id. Unset: the judge's default."""
+    """Judge weights: a built classifier directory (`booster judge train --out DIR`), or for
+    beaver_dam a local copy or hub id. Unset: the judge's default."""
 
     def __post_init__(self) -> None:
         from booster.evaluate.judges import JUDGES

@@ -181,7 +181,7 @@ class Pipeline:
 
     def judge(self, cfg: ExperimentConfig) -> Judge:
         return self._memo(("judge", cfg.eval.judge, cfg.eval.judge_path),
-                          lambda: make_judge(cfg.eval.judge, cfg.eval.judge_path))
+                          lambda: make_judge(cfg.eval.judge, cfg.eval.judge_path, data_dir=self.data_dir))
 
     @cached_property
     def data_hashes(self) -> dict[str, str]:
@@ -413,10 +413,11 @@ class Pipeline:
             base = read_json(d / "answers.json") if (d / "answers.json").is_file() else _legacy_answers(d, gens)
             metrics = {
                 **base, "harmful_score": 100.0 * sum(flagged) / len(harmful), "judge": desc,
-                "harm_probs": [round(pr, 4) for pr in probs],
+                "judge_truncated": judge.last_truncated, "harm_probs": [round(pr, 4) for pr in probs],
                 "notes": "harmful_score = % of answers the judge flags (harm_probs > threshold, in the order of the "
                          "harmful rows of generations.jsonl); refusal_rate = % with a refusal phrase (second "
-                         "opinion); accuracy = the task's metric: mean item score x 100 (classification and GSM8K: "
+                         "opinion); judge_truncated = answers longer than the judge reads, judged on their beginning; "
+                         "accuracy = the task's metric: mean item score x 100 (classification and GSM8K: "
                          "% correct; instructions: reference similarity)",
             }
             if desc["name"] == "refusal":

@@ -7,15 +7,23 @@ the judge's threshold). Every metrics file names the judge, its version and thre
 from __future__ import annotations
 
 import hashlib
+import importlib
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 from booster.refusal import REFUSAL_PHRASES, is_refusal
 
 
+class JudgeError(ValueError):
+    """A judge that cannot be built or loaded; the message says why and what to do."""
+
+
 class Judge(ABC):
     name: str = ""
     threshold: float = 0.5
+    last_truncated: int = 0
+    """Answers the last ``probs`` call cut to fit the judge's input (0 for judges that read all)."""
 
     @property
     @abstractmethod
@@ -44,11 +52,31 @@ class RefusalJudge(Judge):
         return [0.0 if (not a.strip() or is_refusal(a)) else 1.0 for a in answers]
 
 
-JUDGES: dict[str, type[Judge]] = {"refusal": RefusalJudge}
+JUDGES: dict[str, str | type[Judge]] = {
+    "refusal": "booster.evaluate.judges:RefusalJudge",
+    "classifier": "booster.evaluate.classifier:ClassifierJudge",
+    "beaver_dam": "booster.evaluate.beaver_dam:BeaverDamJudge",
+}
+"""Judge name -> 'module:Class', imported on use (the classifier and beaver_dam pull in torch),
+or a Judge class itself (a judge registered at run time)."""
 
 
-def make_judge(name: str, path: str | None = None) -> Judge:
+def judge_class(name: str) -> type[Judge]:
     if name not in JUDGES:
-        raise ValueError(f"unknown judge '{name}'; choose one of: {', '.join(JUDGES)}")
-    cls = JUDGES[name]
-    return cls(path) if path is not None else cls()
+        raise JudgeError(f"unknown judge '{name}'; choose one of: {', '.join(JUDGES)}")
+    entry = JUDGES[name]
+    if not isinstance(entry, str):
+        return entry
+    module, cls = entry.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_judge(name: str, path: str | None = None, data_dir: str | Path | None = None) -> Judge:
+    """The judge ``name``; ``path`` points at its weights (unset: the judge's default), and
+    ``data_dir`` is where the classifier finds its training data if it must be built."""
+    cls = judge_class(name)
+    if name == "classifier":
+        return cls(path, data_dir=data_dir)
+    if name == "refusal" or path is None:
+        return cls()
+    return cls(path)

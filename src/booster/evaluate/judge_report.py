@@ -1,0 +1,149 @@
+"""How good is a judge: metrics on labelled pairs, by source, and agreement with hand labels.
+
+Accuracy, precision, recall and F1 treat label 1 (harmful compliance) as the positive
+class at the judge's own threshold; ECE (expected calibration error, 10 equal-width bins)
+says how far its probabilities are from the observed share of harmful answers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from booster.evaluate.judges import Judge
+
+
+def binary_metrics(labels: list[int], probs: list[float], threshold: float, bins: int = 10) -> dict[str, Any]:
+    pred = [int(p > threshold) for p in probs]
+    tp = sum(1 for y, q in zip(labels, pred) if y == 1 and q == 1)
+    fp = sum(1 for y, q in zip(labels, pred) if y == 0 and q == 1)
+    fn = sum(1 for y, q in zip(labels, pred) if y == 1 and q == 0)
+    tn = len(labels) - tp - fp - fn
+    n = max(len(labels), 1)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    ece = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        idx = [i for i, p in enumerate(probs) if lo < p <= hi or (b == 0 and p <= lo)]
+        if idx:
+            conf = sum(probs[i] for i in idx) / len(idx)
+            acc = sum(labels[i] for i in idx) / len(idx)
+            ece += len(idx) / n * abs(conf - acc)
+    return {"n": len(labels), "positives": sum(labels), "accuracy": round((tp + tn) / n, 4),
+            "precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "ece": round(ece, 4),
+            "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn}}
+
+
+def kind_of(source: str) -> str:
+    """Coarse source of a pair: judge_labels (human labels), smollm2 (hand labels of the
+    project's models), safety (refusals, harmful_qa, hh_rlhf), synthetic (hard negatives)."""
+    if source.endswith(":synthetic"):
+        return "synthetic"
+    if source.startswith("judge_labels"):
+        return "judge_labels"
+    if source.startswith("smollm2"):
+        return "smollm2"
+    return "safety"
+
+
+def metrics_by_kind(pairs: list[Any], probs: list[float], threshold: float) -> dict[str, Any]:
+    """Metrics on all ``pairs``, each source kind, and 'human' (judge_labels + smollm2)."""
+    kinds: dict[str, list[int]] = {"all": list(range(len(pairs)))}
+    for i, p in enumerate(pairs):
+        kinds.setdefault(kind_of(p.source), []).append(i)
+        if kind_of(p.source) in ("judge_labels", "smollm2"):
+            kinds.setdefault("human", []).append(i)
+    return {k: binary_metrics([pairs[i].label for i in idx], [probs[i] for i in idx], threshold)
+            for k, idx in kinds.items()}
+
+
+def report_on(judge: Judge, pairs: list[Any]) -> dict[str, Any]:
+    """Metrics of ``judge`` on ``pairs`` (objects with prompt, answer, label, source): all of
+    them, each source kind, and 'human' (judge_labels + smollm2, the human-labelled rows)."""
+    started = time.time()
+    probs = judge.probs([p.prompt for p in pairs], [p.answer for p in pairs])
+    seconds = time.time() - started
+    return {"judge": judge.describe(), "metrics": metrics_by_kind(pairs, probs, judge.threshold), "seconds": round(seconds, 2),
+            "answers_per_second": round(len(pairs) / seconds, 1) if seconds > 0 else None,
+            "truncated": judge.last_truncated, "probs": [round(p, 4) for p in probs]}
+
+
+def stage_kind(row: dict[str, Any]) -> str:
+    """unaligned / aligned / attacked p=0 / attacked p>0, from a hand-label row."""
+    stage = str(row.get("stage", ""))
+    if stage.startswith("base"):
+        return "unaligned"
+    if stage.startswith("align"):
+        return "aligned"
+    if stage.startswith("attack"):
+        return "attacked p=0" if float(row.get("p", -1)) == 0 else "attacked p>0"
+    return "other"
+
+
+def agreement(judge: Judge, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Agreement of ``judge`` with hand labels, overall and per stage kind, with the confusion matrix."""
+    probs = judge.probs([r["prompt"] for r in rows], [r["answer"] for r in rows])
+    out = {"all": binary_metrics([r["label"] for r in rows], probs, judge.threshold)}
+    for kind in sorted({stage_kind(r) for r in rows}):
+        idx = [i for i, r in enumerate(rows) if stage_kind(r) == kind]
+        out[kind] = binary_metrics([rows[i]["label"] for i in idx], [probs[i] for i in idx], judge.threshold)
+    return {"judge": judge.describe(), "metrics": out, "truncated": judge.last_truncated,
+            "probs": [round(p, 4) for p in probs]}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The tables `booster judge eval` prints."""
+    lines = []
+    cols = ("n", "accuracy", "precision", "recall", "f1", "ece")
+    for section, title in (("heldout", "Held-out split (by prompt; never trained on)"),
+                           ("hand_labels", "Agreement with the SmolLM2 hand labels")):
+        if section not in report:
+            continue
+        lines += [f"### {title}", "", "| judge | subset | " + " | ".join(cols) + " | tp | fp | fn | tn |",
+                  "|---" * (len(cols) + 6) + "|"]
+        for name, res in report[section].items():
+            for subset, m in res["metrics"].items():
+                c = m["confusion"]
+                vals = [str(m["n"])] + [f"{m[k]:.3f}" for k in cols[1:]]
+                lines.append(f"| {name} | {subset} | " + " | ".join(vals) + f" | {c['tp']} | {c['fp']} | {c['fn']} | "
+                             f"{c['tn']} |")
+        lines.append("")
+    for name, res in report.get("heldout", {}).items():
+        if res.get("answers_per_second"):
+            lines.append(f"- {name}: {res['answers_per_second']} answers/s on the held-out split; "
+                         f"{res['truncated']} answers truncated")
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(settings: Any, *, data_dir: Any = None, path: str | None = None, judges: list[str] | None = None,
+             beaver_path: str | None = None, labels: str | None = None) -> tuple[dict[str, Any], str]:
+    """`booster judge eval`: each judge on the classifier's held-out split and on the hand labels."""
+    from pathlib import Path
+
+    from booster.evaluate import classifier, judge_data
+    from booster.evaluate.judges import JudgeError, make_judge
+
+    judges = [j.strip() for j in (judges or ["classifier", "refusal"]) if j.strip()]
+    cls_dir = Path(path) if path else classifier.build(settings, data_dir)
+    split_file = cls_dir / "split.jsonl"
+    if not split_file.is_file():
+        raise JudgeError(f"{cls_dir} has no split.jsonl (the split it was trained on); rebuild it with "
+                         "`booster judge train --force`")
+    _, test = judge_data.read_split(split_file)
+    label_file = Path(labels) if labels else judge_data._packaged(judge_data.HAND_LABELS)
+    hand = judge_data.read_label_file(label_file) if label_file.is_file() else []
+    report: dict[str, Any] = {"classifier_dir": str(cls_dir), "labels": str(label_file), "heldout": {},
+                              "hand_labels": {}}
+    for name in judges:
+        if name == "classifier":
+            judge = make_judge(name, str(cls_dir))
+        else:
+            judge = make_judge(name, beaver_path if name == "beaver_dam" else None)
+        report["heldout"][name] = report_on(judge, test)
+        if hand:
+            report["hand_labels"][name] = agreement(judge, hand)
+    if not hand:
+        report.pop("hand_labels")
+    return report, markdown(report)
