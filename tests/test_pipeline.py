@@ -159,3 +159,23 @@ def test_a_new_judge_rescores_without_regenerating(tiny_run, monkeypatch):
     assert sorted(r["eval_dir"] for r in again) == sorted(r["eval_dir"] for r in rows)
     for d in {r["eval_dir"] for r in again}:
         assert (out / d / "judged-everything-v1.json").is_file() and list((out / d).glob("judged-refusal-*.json"))
+    # booster report --judge scores the saved answers again and rewrites results.jsonl
+    assert main(["report", str(out), "--judge", "refusal"]) == 0
+    back = {r["eval_dir"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert {d: r["harmful_score"] for d, r in back.items()} == {r["eval_dir"]: r["harmful_score"] for r in rows}
+    assert all(r["judge"] == "refusal" for r in back.values())
+
+
+def test_report_accepts_list_valued_settings():
+    """A sweep over cases such as data.benign_tasks: [agnews, gsm8k] labels rows by the list's text."""
+    from booster.report import controls_table, summarise
+
+    rows = [{"defense": "sft", "stage": stage, "p": p, "data.benign_tasks": ["agnews"], "harmful_score": hs,
+             "refusal_rate": 0.0, "accuracy": 90.0, "eval_dir": d}
+            for stage, p, hs, d in (("aligned", None, 0.0, "e1"), ("attacked", 0.0, 5.0, "e2"),
+                                    ("attacked", 0.2, 50.0, "e3"))]
+    assert {r["data.benign_tasks"] for r in summarise(rows, ("data.benign_tasks",))} == {'["agnews"]'}
+    chains = [{"point": {"align.defense": "sft", "attack.p": p, "data.benign_tasks": ["agnews"]},
+               "aligned": "e1", "attacked": d} for p, d in ((0.0, "e2"), (0.2, "e3"))]
+    (table,) = controls_table(rows, chains)
+    assert table["p=0.2 HS"] == "50.0" and "p=0.2−p0≥30 ✓" in table["SFT calibration checks"]

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="Rebuild a run directory's tables (Markdown, CSV) and plots (PNG).",
                          description="Rebuild a run directory's tables (Markdown, CSV) and plots (PNG).")
     rep.add_argument("run_dir", help="a run directory written by booster run / sweep")
+    rep.add_argument("--judge", help="score every saved answer again with this judge first (classifier, refusal, "
+                     "beaver_dam); answers are not regenerated")
+    rep.add_argument("--judge-path", help="the judge's weights (eval.judge_path)")
     cfg = sub.add_parser("config", help="Show configs.", description="Show the packaged configs or a resolved one.")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
     cfg_sub.add_parser("list", help="List the packaged configs.")
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from booster.pipeline import report_run_dir
 
-            print(report_run_dir(Path(args.run_dir)))
+            print(report_run_dir(Path(args.run_dir), args.judge, args.judge_path))
             return 0
         if args.command == "config":
             from booster.config import packaged_configs, to_yaml

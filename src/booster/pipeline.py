@@ -554,14 +554,25 @@ def plot_attack_curves(root: Path) -> str:
     return "\nPlots: attack_harmful_loss.png, attack_harmful_loss_relative.png\n"
 
 
-def report_run_dir(root: Path) -> str:
-    """Rebuild a run directory's tables and plots from its saved results (booster report)."""
+def report_run_dir(root: Path, judge: str | None = None, judge_path: str | None = None) -> str:
+    """Rebuild a run directory's tables and plots from its saved results (booster report).
+    With ``judge``, every saved answer is scored again by that judge first (no generation),
+    and results.jsonl takes the new scores."""
     from booster.config import load_config
 
     root = Path(root)
     rows, chains = read_jsonl(root / "results.jsonl"), read_jsonl(root / "chains.jsonl")
     if not rows:
         raise DataError(f"{root} has no results.jsonl; run `booster run` into it first")
-    cfg = load_config(root / "config.yaml")
+    overrides = [f"eval.judge={judge}"] if judge else []
+    overrides += [f"eval.judge_path={judge_path}"] if judge_path else []
+    cfg = load_config(root / "config.yaml", overrides)
+    if judge:
+        pipeline = Pipeline(cfg)
+        for row in rows:
+            metrics = pipeline.judged(cfg, root / row["eval_dir"])
+            row.update(harmful_score=metrics["harmful_score"], refusal_rate=metrics["refusal_rate"],
+                       accuracy=metrics.get("accuracy"), judge=metrics["judge"]["name"])
+        rewrite_jsonl(root / "results.jsonl", rows)
     judge = read_json(root / rows[0]["eval_dir"] / "metrics.json")["judge"]
     return write_report(root, cfg, rows, chains, judge) + plot_attack_curves(root)

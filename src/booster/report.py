@@ -9,6 +9,8 @@ means something only next to those controls.
 
 from __future__ import annotations
 
+import json
+
 import statistics
 from pathlib import Path
 from typing import Any
@@ -34,12 +36,17 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def _label(value: Any) -> Any:
+    """A grid value as a table label; lists (data.benign_tasks) become their JSON text."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
 def summarise(rows: list[dict[str, Any]], extra_labels: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Group rows by their labels (every label but the seed) and average over seeds."""
     labels = [k for k in (*LABELS, *extra_labels) if any(k in r for r in rows)]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(tuple(row.get(k) for k in labels), []).append(row)
+        groups.setdefault(tuple(_label(row.get(k)) for k in labels), []).append(row)
     out = []
     for key, members in groups.items():
         entry = dict(zip(labels, key))
@@ -61,8 +68,10 @@ def controls_table(rows: list[dict[str, Any]], chains: list[dict[str, Any]]) -> 
     settings: dict[tuple, dict[str, Any]] = {}
     for chain in chains:
         point = chain["point"]
-        key = tuple((k, v) for k, v in point.items() if k not in ("attack.p", "run.seed"))
-        entry = settings.setdefault(key, {"point": dict(key), "cells": {}})
+        kept = {k: v for k, v in point.items() if k not in ("attack.p", "run.seed")}
+        # Grid values may be lists (data.benign_tasks: [agnews, gsm8k]): key on their JSON text.
+        key = tuple((k, _label(v)) for k, v in kept.items())
+        entry = settings.setdefault(key, {"point": kept, "cells": {}})
         p = point.get("attack.p")
         for stage in ("unaligned", "aligned", "attacked"):
             row = by_dir.get(chain.get(stage, ""))
