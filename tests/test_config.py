@@ -30,6 +30,9 @@ def test_overrides_and_grid():
 @pytest.mark.parametrize("override, needle", [
     ("align.booster.lam=-1", "booster.lam must be >= 0"),
     ("align.booster.alpha=0", "booster.alpha must be > 0"),
+    ("align.vaccine.rho=-1", "vaccine.rho"),
+    ("attack.lisa.rho=-1", "lisa.rho must be >= 0"),
+    ("align.repnoise.beta=-1", "repnoise"),
     ("attack.p=1.5", "attack.p must be in [0, 1]"),
     ("attack.p=-0.1", "attack.p must be in [0, 1]"),
     ("align.defense=magic", "choose one of: none, sft, booster"),

@@ -522,7 +522,7 @@ class Pipeline:
         rewrite_jsonl(self.root / "results.jsonl", self.rows)
         rewrite_jsonl(self.root / "chains.jsonl", self.chains)
         return write_report(self.root, self.cfg, self.rows, self.chains, self.judge(self.cfg).describe()) + \
-            plot_attack_curves(self.root)
+            plot_attack_curves(self.root) + plot_alignment_curves(self.root)
 
 
 def _defense_of(root: Path, key: str) -> str:
@@ -540,7 +540,11 @@ def plot_attack_curves(root: Path) -> str:
             continue
         cfg = read_json(d / "config.json")
         up = cfg["upstream"]
-        name = f"{_defense_of(root, up) if up.startswith('align') else 'none'} p={cfg['attack']['p']} seed={cfg['seed']}"
+        att = cfg["attack"]
+        name = _defense_of(root, up) if up.startswith("align") else "none"
+        name += f"+{att['defense']}" if "defense" in att else ""
+        name += f" p={att.get('p')}" + (f" lr={att['optim']['lr']:g}" if "lr" in att.get("optim", {}) else "")
+        name += f" seed={cfg['seed']}"
         xs, ys = [r["step"] for r in rows], [r["harmful_loss"] for r in rows]
         series[name] = (xs, ys)
         relative[name] = (xs, [y - ys[0] for y in ys])
@@ -552,6 +556,29 @@ def plot_attack_curves(root: Path) -> str:
                 title="harmful loss during the attack, minus its start", xlabel="fine-tuning step",
                 ylabel="Δ harmful loss")
     return "\nPlots: attack_harmful_loss.png, attack_harmful_loss_relative.png\n"
+
+
+def plot_alignment_curves(root: Path) -> str:
+    """Harmful loss (held-out harmful pairs) and alignment loss (held-out refusal pairs) over
+    the alignment steps, one line per finished alignment: the rebuttal's question whether
+    SFT's harmful loss rises while Booster's barely moves."""
+    harmful, align = {}, {}
+    for d in sorted((root / "stages").glob("align-*")):
+        rows = read_jsonl(d / "probe_log.jsonl")
+        if not rows or not (d / "DONE.json").is_file():
+            continue
+        cfg = read_json(d / "config.json")
+        name = f"{cfg['align']['defense']} seed={cfg['seed']} {d.name[-6:]}"
+        xs = [r["step"] for r in rows]
+        harmful[name] = (xs, [r["harmful_loss"] for r in rows])
+        align[name] = (xs, [r["align_loss"] for r in rows])
+    if not harmful:
+        return ""
+    plot_series(harmful, root / "align_harmful_loss.png", title="harmful loss during alignment",
+                xlabel="alignment step", ylabel="harmful loss (held-out harmful pairs)")
+    plot_series(align, root / "align_loss.png", title="alignment loss during alignment",
+                xlabel="alignment step", ylabel="alignment loss (held-out refusal pairs)")
+    return "Plots: align_harmful_loss.png, align_loss.png\n"
 
 
 def report_run_dir(root: Path, judge: str | None = None, judge_path: str | None = None) -> str:
@@ -575,4 +602,4 @@ def report_run_dir(root: Path, judge: str | None = None, judge_path: str | None 
                        accuracy=metrics.get("accuracy"), judge=metrics["judge"]["name"])
         rewrite_jsonl(root / "results.jsonl", rows)
     judge = read_json(root / rows[0]["eval_dir"] / "metrics.json")["judge"]
-    return write_report(root, cfg, rows, chains, judge) + plot_attack_curves(root)
+    return write_report(root, cfg, rows, chains, judge) + plot_attack_curves(root) + plot_alignment_curves(root)

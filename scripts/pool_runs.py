@@ -1,0 +1,79 @@
+"""Pool the rows of several run directories into one table: mean ± std over seeds.
+
+    python scripts/pool_runs.py runs/gpu/r/sft-5e-4 runs/gpu/r/seed1 ... \
+        --where attack.optim.lr=0.0005 --where data.n_benign=400 --label runs/gpu/r/b1-5e-4:booster="booster a=1"
+
+Rows come from each directory's results.jsonl (after `booster report DIR --judge ...`, the
+rescored values). A row lacking a --where key is judged by its sweep's base config; aligned
+models are filtered on the keys they carry only (attack settings do not apply to them).
+--label DIR:DEFENCE=NAME renames one defence of one directory (runs whose base configs
+differ outside the grid, e.g. align.booster.alpha).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def _base_value(run_dir: Path, key: str):
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    return OmegaConf.select(cfg, key)
+
+
+def _matches(row: dict, run_dir: Path, key: str, value: str) -> bool:
+    got = row[key] if key in row else _base_value(run_dir, key)
+    return str(got) == value or (isinstance(got, (int, float)) and float(got) == float(value))
+
+
+def _fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.0f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dirs", nargs="+", type=Path)
+    ap.add_argument("--where", action="append", default=[], help="KEY=VALUE a row must have")
+    ap.add_argument("--label", action="append", default=[], help="DIR:DEFENCE=NAME renames a defence of one dir")
+    args = ap.parse_args()
+    labels = {}
+    for spec in args.label:
+        target, name = spec.split("=", 1)
+        run_dir, defense = target.rsplit(":", 1)
+        labels[(Path(run_dir), defense)] = name
+    where = [x.split("=", 1) for x in args.where]
+    cells: dict[tuple, dict[str, dict]] = {}
+    for run_dir in args.run_dirs:
+        for row in map(json.loads, (run_dir / "results.jsonl").read_text().splitlines()):
+            if row["stage"] == "unaligned":
+                continue
+            keys = [(k, v) for k, v in where if row["stage"] == "attacked" or k in row]
+            if not all(_matches(row, run_dir, k, v) for k, v in keys):
+                continue
+            align, _, attack = row["defense"].partition("+")
+            name = labels.get((run_dir, align), align) + (f"+{attack}" if attack else "")
+            col = "aligned" if row["stage"] == "aligned" else f"p={row['p']}"
+            # one value per evaluated model: the same eval dir seen from two sweeps counts once
+            cells.setdefault((name,), {}).setdefault(col, {})[(str(run_dir), row["eval_dir"])] = row
+    cols = sorted({c for v in cells.values() for c in v}, key=lambda c: (c != "aligned", c))
+    head = ["defence", "seeds"] + [f"{c} {m}" for c in cols for m in ("HS", "FA")]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for (name,), by_col in sorted(cells.items()):
+        seeds = max(len({r["seed"] for r in v.values()}) for v in by_col.values())
+        out = [name, str(seeds)]
+        for c in cols:
+            rows = list(by_col.get(c, {}).values())
+            uniq = {r["seed"]: r for r in rows}.values()  # seed-unique (shared controls)
+            out += [_fmt([r["harmful_score"] for r in uniq]) if rows else "–",
+                    _fmt([r["accuracy"] for r in uniq]) if rows else "–"]
+        print("| " + " | ".join(out) + " |")
+
+
+if __name__ == "__main__":
+    main()
