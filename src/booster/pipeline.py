@@ -601,5 +601,5 @@ def report_run_dir(root: Path, judge: str | None = None, judge_path: str | None 
             row.update(harmful_score=metrics["harmful_score"], refusal_rate=metrics["refusal_rate"],
                        accuracy=metrics.get("accuracy"), judge=metrics["judge"]["name"])
         rewrite_jsonl(root / "results.jsonl", rows)
-    judge = read_json(root / rows[0]["eval_dir"] / "metrics.json")["judge"]
-    return write_report(root, cfg, rows, chains, judge) + plot_attack_curves(root) + plot_alignment_curves(root)
+    described = read_json(root / rows[0]["eval_dir"] / "metrics.json")["judge"]
+    return write_report(root, cfg, rows, chains, described) + plot_attack_curves(root) + plot_alignment_curves(root)
