@@ -9,9 +9,11 @@ The paper's Figure 3 claim in numbers: after Booster the attack lowers the harmf
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from booster.io import read_json, read_jsonl
+from pool_runs import parse_labels  # the sibling script (scripts/ is on sys.path when run)
 
 
 def main() -> None:
@@ -19,23 +21,19 @@ def main() -> None:
     ap.add_argument("run_dirs", nargs="+", type=Path)
     ap.add_argument("--label", action="append", default=[], help="DIR:DEFENCE=NAME renames a defence of one dir")
     args = ap.parse_args()
-    labels = {}
-    for spec in args.label:
-        target, name = spec.split("=", 1)
-        run_dir, defense = target.rsplit(":", 1)
-        labels[(Path(run_dir), defense)] = name
+    labels = parse_labels(args.label)
     groups: dict[tuple, dict[tuple, tuple[float, float]]] = {}
     for run_dir in args.run_dirs:
         for d in sorted((run_dir / "stages").glob("attack-*")):
             if not (d / "DONE.json").is_file():
                 continue
-            cfg = json.loads((d / "config.json").read_text())
-            align_cfg = json.loads((run_dir / "stages" / cfg["upstream"] / "config.json").read_text())
+            cfg = read_json(d / "config.json")
+            align_cfg = read_json(run_dir / "stages" / cfg["upstream"] / "config.json")
             align = align_cfg["align"].get("defense", "sft")
             name = labels.get((run_dir, align), align)
             att = cfg["attack"]
             name += f"+{att['defense']}" if "defense" in att else ""
-            rows = [json.loads(x) for x in (d / "probe_log.jsonl").read_text().splitlines()]
+            rows = read_jsonl(d / "probe_log.jsonl")
             benign = align_cfg.get("data", {}).get("n_benign", 0)
             key = (name, benign, att.get("optim", {}).get("lr"), att.get("p"))
             groups.setdefault(key, {})[(cfg["seed"], d.name)] = (rows[0]["harmful_loss"], rows[-1]["harmful_loss"])

@@ -13,11 +13,22 @@ differ outside the grid, e.g. align.booster.alpha).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from booster.io import read_jsonl
+
+
+def parse_labels(specs: list[str]) -> dict[tuple[Path, str], str]:
+    """--label DIR:DEFENCE=NAME options as {(DIR, DEFENCE): NAME}."""
+    labels = {}
+    for spec in specs:
+        target, name = spec.split("=", 1)
+        run_dir, defense = target.rsplit(":", 1)
+        labels[(Path(run_dir), defense)] = name
+    return labels
 
 
 def _base_value(run_dir: Path, key: str):
@@ -42,15 +53,11 @@ def main() -> None:
     ap.add_argument("--where", action="append", default=[], help="KEY=VALUE a row must have")
     ap.add_argument("--label", action="append", default=[], help="DIR:DEFENCE=NAME renames a defence of one dir")
     args = ap.parse_args()
-    labels = {}
-    for spec in args.label:
-        target, name = spec.split("=", 1)
-        run_dir, defense = target.rsplit(":", 1)
-        labels[(Path(run_dir), defense)] = name
+    labels = parse_labels(args.label)
     where = [x.split("=", 1) for x in args.where]
     cells: dict[tuple, dict[str, dict]] = {}
     for run_dir in args.run_dirs:
-        for row in map(json.loads, (run_dir / "results.jsonl").read_text().splitlines()):
+        for row in read_jsonl(run_dir / "results.jsonl"):
             if row["stage"] == "unaligned":
                 continue
             keys = [(k, v) for k, v in where if row["stage"] == "attacked" or k in row]
