@@ -91,8 +91,9 @@ def recorder(defense):
 
 
 CASES = {"sft": ("sft", False, False), "booster": ("booster", False, False),
-         "booster-resumed": ("booster", True, False), "booster-full": ("booster", False, True)}
-"""case -> (defence, resume from a checkpoint after one step, full fine-tuning)."""
+         "booster-resumed": ("booster", True, False), "booster-full": ("booster", False, True),
+         "booster-low-memory": ("booster", False, False, True)}
+"""case -> (defence, resume from a checkpoint after one step, full fine-tuning[, booster.low_memory])."""
 
 
 def run_case(accelerator, case: str, out: Path) -> dict[str, torch.Tensor]:
@@ -100,24 +101,25 @@ def run_case(accelerator, case: str, out: Path) -> dict[str, torch.Tensor]:
     probe{i}} as full tensors. ``saved``: what the pipeline's save path wrote to disk."""
     from safetensors.torch import load_file
 
-    from booster.config import AlignConfig, OptimConfig
+    from booster.config import AlignConfig, BoosterConfig, OptimConfig
     from booster.defenses import make_defense
     from booster.distributed import full_tensor, gathered_state
     from booster.evaluate.probe import loss_probe
     from booster.models import save_trained
     from booster.train import fit
 
-    name, resume, full = CASES[case]
+    name, resume, full, *low = CASES[case]
+    stage = AlignConfig(defense=name, booster=BoosterConfig(low_memory=bool(low and low[0])))
     optim = OptimConfig(lr=1e-2, steps=STEPS, grad_accum=GRAD_ACCUM, batch_size=BATCH, checkpoint_every=1)
     probes = {"harmful": loss_probe(rows(5, 2), 0)}
     grads = []
     if resume:  # one step, then a fresh model (as in a new process) continues from the checkpoint
-        defense, first = recorder(make_defense(name, AlignConfig(defense=name)))
+        defense, first = recorder(make_defense(name, stage))
         fit(tiny(full), defense, streams(), optim, out, accelerator=accelerator, steps=1, probes=probes,
             probe_every=1)
         grads += first
     model = tiny(full)
-    defense, rest = recorder(make_defense(name, AlignConfig(defense=name)))
+    defense, rest = recorder(make_defense(name, stage))
     result = fit(model, defense, streams(), optim, out, accelerator=accelerator, steps=STEPS, probes=probes,
                  probe_every=1)
     grads += rest

@@ -101,7 +101,8 @@ def test_accumulation_equals_large_batch():
     torch.testing.assert_close(w.grad, large, rtol=0, atol=1e-6)
 
 
-def test_matches_independent_autograd_on_a_tiny_llama():
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_matches_independent_autograd_on_a_tiny_llama(low_memory):
     """On a real (tiny) transformer with LoRA: the step equals ∇f + λ(∇h(w) − ∇h(w̃)) computed
     from scratch with torch.autograd.grad on copies of the weights."""
     from peft import LoraConfig, get_peft_model
@@ -135,7 +136,7 @@ def test_matches_independent_autograd_on_a_tiny_llama():
     expected = [a + lam * (b - c) for a, b, c in zip(gf, gh, gh_t)]
 
     ctx = StepContext(model=model, params=params, loss=loss, accelerator=Accelerator(cpu=True))
-    d = booster(lam, alpha)
+    d = make_defense("booster", SimpleNamespace(booster=BoosterConfig(lam=lam, alpha=alpha, low_memory=low_memory)))
     d.setup(ctx)
     d.step(ctx, {"main": [f_batch], "harmful": [h_batch]})
     for p, e, v in zip(params, expected, w):
@@ -174,3 +175,55 @@ def test_ablation_without_last_term():
     d = make_defense("booster_no_last_term", SimpleNamespace(booster=BoosterConfig(lam=5.0)))
     d.step(ctx, {"main": [{"kind": "f"}], "harmful": [{"kind": "h", "b": torch.tensor([[4.0, 6.0]])}]})
     torch.testing.assert_close(w.grad, torch.tensor([-14.0, -18.0]))
+
+
+def _spy_on_perturbed_pass(ctx):
+    """Record, at every loss call, whether each parameter holds a gradient."""
+    seen = []
+    inner = ctx.loss
+
+    def loss(batch):
+        seen.append([p.grad is not None for p in ctx.params])
+        return inner(batch)
+
+    ctx.loss = loss
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_low_memory_matches_exact_within_the_rounding_bound(dtype):
+    torch.manual_seed(0)
+    w0 = (torch.randn(301) * 0.05).tolist()
+    batches = {"main": [{"kind": "f"}], "harmful": [{"kind": "h", "b": torch.randn(1, 301)}]}
+    grads = {}
+    for low in (False, True):
+        w, ctx = toy(w0, [0.0] * 301, None, dtype=dtype)
+        before = w.detach().clone()
+        seen = _spy_on_perturbed_pass(ctx)
+        d = make_defense("booster", SimpleNamespace(booster=BoosterConfig(alpha=0.1, low_memory=low)))
+        d.setup(ctx)
+        metrics = d.step(ctx, batches)
+        assert torch.equal(w.detach(), before)
+        # calls: h at w, h at w~, f at w; low memory: no gradient is held through the 2nd and 3rd
+        assert seen == [[False], [not low], [False]]
+        grads[low] = w.grad.detach().clone()
+    c = 0.1 / metrics["harmful_grad_norm"]
+    # w~ = w − c·∇h(w) is rounded at most at |w| + α (the perturbation's length is α)
+    bound = 5.0 * torch.finfo(dtype).eps * (before.abs().max().item() + 0.1) / c
+    diff = (grads[True] - grads[False]).abs().max().item()
+    assert diff <= bound
+    assert bound < 1e-3 * grads[False].abs().max().item()  # and the bound is small here
+
+
+def test_low_memory_keeps_bf16_gradients_exact():
+    torch.manual_seed(0)
+    w0 = torch.randn(64).tolist()
+    batches = {"main": [{"kind": "f"}], "harmful": [{"kind": "h", "b": torch.randn(1, 64)}]}
+    grads = []
+    for low in (False, True):
+        w, ctx = toy(w0, [0.0] * 64, None, dtype=torch.bfloat16)
+        d = make_defense("booster", SimpleNamespace(booster=BoosterConfig(low_memory=low)))
+        d.setup(ctx)
+        d.step(ctx, batches)
+        grads.append(w.grad.detach().clone())
+    assert torch.equal(grads[0], grads[1])

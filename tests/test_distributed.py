@@ -45,7 +45,7 @@ from booster.train import LOSS_DENOMINATOR, Stream
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
 SRC = Path(booster.__file__).resolve().parents[1]
-CASES = ["sft", "booster", "booster-resumed", "booster-full"]
+CASES = ["sft", "booster", "booster-resumed", "booster-full", "booster-low-memory"]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -196,9 +196,12 @@ def test_two_processes_match_one(launched, reference, mode, case):
     assert set(got) == set(ref)
     for prefix in ("step1.grad.", "final.", "saved.", "probe2"):
         assert any(k.startswith(prefix) for k in ref), prefix
+    # low memory recovers ∇h(w) from w − w̃: a last-bit difference in w̃ (the processes' summation
+    # order) is amplified by 1/c = ‖∇h‖/α, so that case gets a looser (still float64-tight) bound
+    tol = 1e-9 if case == "booster-low-memory" else 1e-12
     for key in sorted(ref):
         if key.startswith(("step", "final.", "saved.")):
-            assert rel_err(got[key], ref[key]) <= 1e-12, (key, rel_err(got[key], ref[key]))
+            assert rel_err(got[key], ref[key]) <= tol, (key, rel_err(got[key], ref[key]))
         elif key.endswith(".regulariser"):
             assert abs(got[key].item() - ref[key].item()) <= 1e-6, key
         else:

@@ -158,6 +158,10 @@ class BoosterConfig:
     every: int = 1
     """Recompute the regulariser's gradient every this many steps and reuse it in between
     (amortised Booster; 1 = exact Booster, the paper's algorithm)."""
+    low_memory: bool = False
+    """Drop the first harmful gradient during the perturbed pass and recover it from the
+    perturbation applied (float32/float64 parameters): peak memory one weight copy above SFT
+    instead of one copy plus one gradient, at the price of a rounding error <= ulp(w)/(2c)."""
 
     def __post_init__(self) -> None:
         _check(self.lam >= 0, f"booster.lam must be >= 0, got {self.lam}")

@@ -12,15 +12,20 @@ Hyperparameters: λ = ``booster.lam`` (paper 5; GSM8K 25 at batch 10), α = ``bo
 gradient is exactly 0 (no division by zero).
 
 Cost: 3 forward/backward passes per step (h at w, h at w̃, f at w). Memory: one extra copy
-of the trainable weights, allocated once, to restore them bit-exactly after the perturbed
-pass (subtracting the perturbation again does not restore float weights, least of all
-bf16). The gradients live in ``.grad`` only: λ·∇h(w) is formed in place, the perturbed
-pass accumulates −λ·∇h(w̃) onto it, and the alignment pass adds ∇f; no gradient copy.
+of the trainable weights, allocated once. It holds w during the perturbed pass, so that w is
+restored bit-exactly afterwards (subtracting the perturbation again does not restore float
+weights, least of all bf16), and then the regulariser's gradient R = λ(∇h(w) − ∇h(w̃)) during
+the alignment pass; no gradient copy, no clones per step. During the perturbed pass ``.grad``
+still holds λ·∇h(w), so the peak is one buffer plus one gradient above SFT's. With
+``booster.low_memory`` the first gradient is dropped before the perturbed pass and recovered
+afterwards from the perturbation actually applied, ∇h(w) = (w − w̃)/c with c = α/‖∇h(w)‖: the
+peak is one buffer above SFT's. The recovered gradient is exact up to the rounding of w̃,
+|error| ≤ ulp(w)/(2c) per entry, which is why only float32/float64 parameters take this path
+(bf16 ones keep their gradient).
 
-Amortised Booster (``booster.every = k > 1``, not in the paper): the regulariser's gradient
-R = λ(∇h(w) − ∇h(w̃)) is computed every k steps and reused in between, so the mean cost is
-(k + 2)/k passes per step. The same buffer holds w during the perturbed pass and R after
-it, so the extra memory stays one copy of the trainable weights.
+Amortised Booster (``booster.every = k > 1``, not in the paper): R is computed every k steps
+and reused in between from the same buffer, so the mean cost is (k + 2)/k passes per step and
+the extra memory stays one copy of the trainable weights.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ import math
 import torch
 
 from booster.defenses.base import Batch, Defense, StepContext, accumulate, grad_norm
+
+
+_RECOVERABLE = (torch.float32, torch.float64)
 
 
 class Booster(Defense):
@@ -44,6 +52,7 @@ class Booster(Defense):
         self.lam = stage_cfg.booster.lam
         self.alpha = stage_cfg.booster.alpha
         self.every = getattr(stage_cfg.booster, "every", 1)
+        self.low_memory = getattr(stage_cfg.booster, "low_memory", False)
         self._buffer: list[torch.Tensor] = []
         self._cached = False  # whether _buffer holds a reusable R (amortised mode)
 
@@ -57,26 +66,42 @@ class Booster(Defense):
         return self.streams if self._refresh(step) else ("main",)
 
     def regulariser(self, ctx: StepContext, harmful_batches: list[Batch]) -> dict[str, float]:
-        """Leave λ(∇h(w) − ∇h(w̃)) in ``.grad`` (which must be empty on entry); weights unchanged."""
+        """Leave R = λ(∇h(w) − ∇h(w̃)) in the buffer and ``.grad`` empty (it must be empty on
+        entry); the weights end bit-identical to how they started."""
         params = ctx.params
         harmful = accumulate(ctx, harmful_batches)  # .grad = ∇h(w)
         norm = grad_norm(params)
-        if norm > 0 and math.isfinite(norm):
-            with torch.no_grad():
-                for p, saved in zip(params, self._buffer):
-                    saved.copy_(p)
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-self.alpha / norm)  # w -> w̃
-                        p.grad.mul_(self.lam)  # .grad = λ∇h(w)
-            perturbed = accumulate(ctx, harmful_batches, weight=-self.lam)  # .grad -= λ∇h(w̃)
-            with torch.no_grad():
-                for p, saved in zip(params, self._buffer):
-                    p.copy_(saved)  # exact restore of w
-        else:
-            for p in params:
+        if not (norm > 0 and math.isfinite(norm)):
+            for p, r in zip(params, self._buffer):
+                r.zero_()
+                p.grad = None
+            return {"harmful_loss": harmful, "harmful_loss_perturbed": harmful,
+                    "regulariser": 0.0, "harmful_grad_norm": norm}
+        c = self.alpha / norm
+        recovered = [self.low_memory and p.grad is not None and p.dtype in _RECOVERABLE for p in params]
+        with torch.no_grad():
+            for p, saved, rec in zip(params, self._buffer, recovered):
+                saved.copy_(p)
                 if p.grad is not None:
-                    p.grad.zero_()
-            perturbed = harmful
+                    p.add_(p.grad, alpha=-c)  # w -> w̃
+                    if rec:
+                        p.grad = None  # carried by w − w̃ until the perturbed pass is done
+                    else:
+                        p.grad.mul_(self.lam)  # .grad = λ∇h(w)
+        perturbed = accumulate(ctx, harmful_batches, weight=-self.lam)  # .grad -= λ∇h(w̃)
+        with torch.no_grad():
+            for p, saved, rec in zip(params, self._buffer, recovered):
+                if rec:
+                    p.sub_(saved)  # w̃ − w, exact (Sterbenz): the perturbation applied, −c·∇h(w)
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.add_(p, alpha=-self.lam / c)
+                p.copy_(saved)  # exact restore of w
+                if p.grad is None:
+                    saved.zero_()
+                else:
+                    saved.copy_(p.grad)  # the buffer now holds R
+                    p.grad = None
         return {"harmful_loss": harmful, "harmful_loss_perturbed": perturbed,
                 "regulariser": harmful - perturbed, "harmful_grad_norm": norm}
 
@@ -85,19 +110,15 @@ class Booster(Defense):
         return {"loss": accumulate(ctx, batches["main"])}
 
     def step(self, ctx: StepContext, batches: dict[str, list[Batch]]) -> dict[str, float]:
-        if not self._refresh(ctx.step):
-            metrics = self.alignment(ctx, batches)
-            with torch.no_grad():
-                for p, r in zip(ctx.params, self._buffer):
-                    p.grad = r.clone() if p.grad is None else p.grad.add_(r)
-            return metrics
-        metrics = self.regulariser(ctx, batches["harmful"])
-        if self.every > 1:
-            with torch.no_grad():
-                for p, r in zip(ctx.params, self._buffer):
-                    r.copy_(p.grad) if p.grad is not None else r.zero_()
+        metrics = {}
+        if self._refresh(ctx.step):
+            metrics = self.regulariser(ctx, batches["harmful"])
             self._cached = True
-        return {**self.alignment(ctx, batches), **metrics}
+        metrics = {**self.alignment(ctx, batches), **metrics}
+        with torch.no_grad():
+            for p, r in zip(ctx.params, self._buffer):
+                p.grad = r.clone() if p.grad is None else p.grad.add_(r)
+        return metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.every == 1 or not self._cached:
