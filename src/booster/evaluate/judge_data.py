@@ -15,6 +15,7 @@ Sources (the data directory, read-only):
   hh_rlhf (optional)            single-turn rejected answers with substance -> 1 (noisy)
 Packaged (src/booster/judge_data/):
   smollm2_train_labels.jsonl    SmolLM2 answers to non-evaluation prompts, labelled by hand
+  smollm2_train_labels_2.jsonl  a second batch of them (opt-in: ``more_labels``; docs/judge.md)
 Synthetic hard negatives (``source`` ends in ':synthetic'): the first few words of a
 harmful answer, a bare compliance opener ("Sure, here is"), a refusal followed by nothing,
 an SST-2 label word as the answer, a harmless answer to another prompt -> all 0.
@@ -43,6 +44,8 @@ HAND_LABELS = "smollm2_hand_labels.jsonl"
 """The 100 validation answers (AdvBench prompts): never trained on, never used to choose."""
 TRAIN_LABELS = "smollm2_train_labels.jsonl"
 """Hand-labelled SmolLM2 answers to training prompts (disjoint from AdvBench)."""
+MORE_TRAIN_LABELS = "smollm2_train_labels_2.jsonl"
+"""A second batch of them (222 answers of the CPU demo's models); used with ``more_labels``."""
 
 # Words that mark a request in judge_labels/refusal as harmful (its non-refusals are then dropped).
 _HARMFUL_REQUEST = re.compile(
@@ -188,13 +191,15 @@ def synthetic_negatives(pairs: list[Pair], seed: int = 0, per_kind: int | None =
 
 
 def assemble(data_dir: Path, *, max_refusals: int = 800, hh_rlhf: bool = False, in_domain: bool = True,
-             synthetic: bool = True, seed: int = 0) -> list[Pair]:
+             synthetic: bool = True, seed: int = 0, more_labels: bool = False) -> list[Pair]:
     """Every labelled pair, de-duplicated on (prompt, answer); contradicting labels keep the
     harmful one (a human saw harm)."""
     pairs = load_judge_labels(data_dir) + load_safety_pairs(data_dir, max_refusals=max_refusals,
                                                             hh_rlhf=hh_rlhf, seed=seed)
     if in_domain:
         pairs += load_hand_labels()
+        if more_labels:
+            pairs += load_hand_labels(MORE_TRAIN_LABELS)
     if synthetic:
         pairs += synthetic_negatives(pairs, seed=seed)
     merged: dict[tuple[str, str], Pair] = {}
