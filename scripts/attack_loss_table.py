@@ -16,6 +16,21 @@ from booster.io import read_json, read_jsonl
 from pool_runs import parse_labels  # the sibling script (scripts/ is on sys.path when run)
 
 
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _other_settings(align: dict, attack: dict) -> tuple[tuple[str, str], ...]:
+    """The stage settings that are not columns (e.g. booster.every=4, optim.steps=200): rows
+    that differ in them are kept apart instead of being pooled as if they were seeds."""
+    rest = {f"align.{k}": v for k, v in _flat(align).items() if k != "defense"}
+    rest.update({f"attack.{k}": v for k, v in _flat(attack).items() if k not in ("p", "optim.lr", "defense")})
+    return tuple(sorted((k, str(v)) for k, v in rest.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+", type=Path)
@@ -35,18 +50,24 @@ def main() -> None:
             name += f"+{att['defense']}" if "defense" in att else ""
             rows = read_jsonl(d / "probe_log.jsonl")
             benign = align_cfg.get("data", {}).get("n_benign", 0)
-            key = (name, benign, att.get("optim", {}).get("lr"), att.get("p"))
+            key = (name, benign, att.get("optim", {}).get("lr"), att.get("p"), _other_settings(align_cfg["align"], att))
             groups.setdefault(key, {})[(cfg["seed"], d.name)] = (rows[0]["harmful_loss"], rows[-1]["harmful_loss"])
-    print("| defence | benign in alignment | attack lr | p | seeds | harmful loss at start | at end | change |\n"
-          "|---|---|---|---|---|---|---|---|")
-    for (name, benign, lr, p), runs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    # show only the settings that tell rows apart (those every row shares say nothing)
+    common = set.intersection(*(set(k[4]) for k in groups)) if groups else set()
+    print("| defence | benign in alignment | attack lr | p | other settings | seeds | harmful loss at start | at end "
+          "| change |\n|---|---|---|---|---|---|---|---|---|")
+    for (name, benign, lr, p, other), runs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
         by_seed = {seed: v for (seed, _), v in runs.items()}
+        if len(by_seed) < len(runs):
+            raise SystemExit(f"{name} lr={lr} p={p} ({dict(other)}): several attacks share a seed; "
+                             f"they differ in a setting this table does not show: {sorted(runs)}")
         starts, ends = [v[0] for v in by_seed.values()], [v[1] for v in by_seed.values()]
         deltas = [e - s for s, e in zip(starts, ends)]
 
         def f(xs):
             return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
-        print(f"| {name} | {benign} | {lr} | {p} | {len(by_seed)} | {f(starts)} | {f(ends)} | {f(deltas)} |")
+        shown = ", ".join(f"{k}={v}" for k, v in other if (k, v) not in common) or "–"
+        print(f"| {name} | {benign} | {lr} | {p} | {shown} | {len(by_seed)} | {f(starts)} | {f(ends)} | {f(deltas)} |")
 
 
 if __name__ == "__main__":
