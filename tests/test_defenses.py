@@ -143,3 +143,24 @@ def test_lisa_rejects_cycles_longer_than_the_attack(tmp_path):
 def test_bad_hyperparameters(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         load_config("tiny", [override])
+
+
+def test_booster_vaccine_low_memory_matches_its_default():
+    from booster.config import AlignConfig, BoosterConfig
+
+    f = {"input_ids": torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))}
+    h = {"input_ids": torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(2))}
+    for b in (f, h):
+        b["labels"] = b["input_ids"]
+    grads = []
+    for low in (False, True):
+        model = lora_model()
+        ctx = ctx_for(model)
+        before = [p.detach().clone() for p in ctx.params]
+        d = make_defense("booster_vaccine", AlignConfig(defense="booster_vaccine", booster=BoosterConfig(low_memory=low)))
+        d.setup(ctx)
+        d.step(ctx, {"main": [f], "harmful": [h]})
+        assert all(torch.equal(p.detach(), b) for p, b in zip(ctx.params, before))
+        grads.append([p.grad.detach().clone() for p in ctx.params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
