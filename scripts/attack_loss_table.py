@@ -12,7 +12,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from booster.io import read_json, read_jsonl
+from booster.io import read_json
+from booster.pipeline import finished_probe_logs
 from pool_runs import parse_labels  # the sibling script (scripts/ is on sys.path when run)
 
 
@@ -39,19 +40,15 @@ def main() -> None:
     labels = parse_labels(args.label)
     groups: dict[tuple, dict[tuple, tuple[float, float]]] = {}
     for run_dir in args.run_dirs:
-        for d in sorted((run_dir / "stages").glob("attack-*")):
-            if not (d / "DONE.json").is_file():
-                continue
-            cfg = read_json(d / "config.json")
+        for cfg, rows in finished_probe_logs(run_dir, "attack"):
             align_cfg = read_json(run_dir / "stages" / cfg["upstream"] / "config.json")
             align = align_cfg["align"].get("defense", "sft")
             name = labels.get((run_dir, align), align)
             att = cfg["attack"]
             name += f"+{att['defense']}" if "defense" in att else ""
-            rows = read_jsonl(d / "probe_log.jsonl")
             benign = align_cfg.get("data", {}).get("n_benign", 0)
             key = (name, benign, att.get("optim", {}).get("lr"), att.get("p"), _other_settings(align_cfg["align"], att))
-            groups.setdefault(key, {})[(cfg["seed"], d.name)] = (rows[0]["harmful_loss"], rows[-1]["harmful_loss"])
+            groups.setdefault(key, {})[(cfg["seed"], cfg["stage"])] = (rows[0]["harmful_loss"], rows[-1]["harmful_loss"])
     # show only the settings that tell rows apart (those every row shares say nothing)
     common = set.intersection(*(set(k[4]) for k in groups)) if groups else set()
     print("| defence | benign in alignment | attack lr | p | other settings | seeds | harmful loss at start | at end "

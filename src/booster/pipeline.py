@@ -530,7 +530,7 @@ def _defense_of(root: Path, key: str) -> str:
     return read_json(cfg_path)["align"]["defense"] if cfg_path.is_file() else key
 
 
-def _finished_probe_logs(root: Path, kind: str):
+def finished_probe_logs(root: Path, kind: str):
     """(stage config with its directory name under 'stage', probe rows) of every finished
     stage of this kind in the run directory that logged probes."""
     for d in sorted((root / "stages").glob(f"{kind}-*")):
@@ -543,7 +543,7 @@ def plot_attack_curves(root: Path) -> str:
     """Harmful loss on the held-out pairs over the attack, absolute and relative to its start
     (the paper's Figure 3), one line per finished attack in the run directory."""
     series, relative = {}, {}
-    for cfg, rows in _finished_probe_logs(root, "attack"):
+    for cfg, rows in finished_probe_logs(root, "attack"):
         up = cfg["upstream"]
         att = cfg["attack"]
         name = _defense_of(root, up) if up.startswith("align") else "none"
@@ -568,7 +568,7 @@ def plot_alignment_curves(root: Path) -> str:
     the alignment steps, one line per finished alignment: the rebuttal's question whether
     SFT's harmful loss rises while Booster's barely moves."""
     harmful, align = {}, {}
-    for cfg, rows in _finished_probe_logs(root, "align"):
+    for cfg, rows in finished_probe_logs(root, "align"):
         name = f"{cfg['align']['defense']} seed={cfg['seed']} {cfg['stage'][-6:]}"
         xs = [r["step"] for r in rows]
         harmful[name] = (xs, [r["harmful_loss"] for r in rows])

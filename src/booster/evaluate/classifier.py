@@ -333,11 +333,12 @@ def data_fingerprint(data_dir: Path, more_labels: bool = False) -> dict[str, str
 
 # Settings added after builds existed enter the build key only when changed from their default,
 # so that those builds keep their keys (and their cache directories).
-_KEY_IF_SET = {"more_labels": False}
+_KEY_IF_SET = ("more_labels",)
 
 
 def build_key(settings: ClassifierSettings, data_dir: Path) -> str:
-    keyed = {k: v for k, v in asdict(settings).items() if k not in _KEY_IF_SET or v != _KEY_IF_SET[k]}
+    default = asdict(ClassifierSettings())
+    keyed = {k: v for k, v in asdict(settings).items() if k not in _KEY_IF_SET or v != default[k]}
     payload = {"v": FORMAT_VERSION, "settings": keyed, "data": data_fingerprint(data_dir, settings.more_labels),
                "encoder": file_sha256(encoder_dir() / "model.safetensors", 16)}
     return f"classifier-{stable_hash(payload)}"
