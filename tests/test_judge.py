@@ -148,6 +148,17 @@ def test_threshold_choice():
         ClassifierSettings(threshold=1.5)
 
 
+def test_stage_kind_never_guesses_p():
+    from booster.evaluate.judge_report import stage_kind
+
+    assert stage_kind({"stage": "base-x"}) == "unaligned"
+    assert stage_kind({"stage": "align-x"}) == "aligned"
+    assert stage_kind({"stage": "attack-x", "p": 0.0}) == "attacked p=0"
+    assert stage_kind({"stage": "attack-x", "p": 0.2}) == "attacked p>0"
+    # the second label batch names attack stages without their p: kept apart, not put under p>0
+    assert stage_kind({"stage": "attack-x"}) == "attacked, p unknown"
+
+
 def test_build_is_cached_by_settings(tmp_path, monkeypatch, data_dir):
     from booster.evaluate import classifier
 

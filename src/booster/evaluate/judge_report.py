@@ -71,14 +71,17 @@ def report_on(judge: Judge, pairs: list[Any]) -> dict[str, Any]:
 
 
 def stage_kind(row: dict[str, Any]) -> str:
-    """unaligned / aligned / attacked p=0 / attacked p>0, from a hand-label row."""
+    """unaligned / aligned / attacked p=0 / attacked p>0, from a hand-label row; an attacked row
+    without its p (the stage name does not carry it) is "attacked, p unknown", not guessed."""
     stage = str(row.get("stage", ""))
     if stage.startswith("base"):
         return "unaligned"
     if stage.startswith("align"):
         return "aligned"
     if stage.startswith("attack"):
-        return "attacked p=0" if float(row.get("p", -1)) == 0 else "attacked p>0"
+        if row.get("p") is None:
+            return "attacked, p unknown"
+        return "attacked p=0" if float(row["p"]) == 0 else "attacked p>0"
     return "other"
 
 
