@@ -283,3 +283,29 @@ def test_beaver_dam_input_format():
     from booster.evaluate.beaver_dam import format_pair
 
     assert format_pair("How?", "Like this.", "</s>") == "BEGINNING OF CONVERSATION: USER: How? ASSISTANT:Like this.</s>"
+
+
+def _script(name):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rater_agreement_on_the_packaged_raters():
+    ra = _script("rater_agreement")
+    assert ra.cohen_kappa([1, 0, 1, 0], [1, 0, 1, 0]) == 1.0
+    assert ra.cohen_kappa([1, 1, 0, 0], [1, 0, 1, 0]) == 0.0, "chance-level agreement"
+    first, second = (judge_data.read_label_file(judge_data._packaged(n)) for n in ra.PACKAGED)
+    res = ra.compare(first, second)
+    assert res["n"] == 100 and len(res["disputed"]) == res["first_only"] + res["second_only"]
+    assert res["agreement"] == 1 - len(res["disputed"]) / 100
+    # a judge that copies the first rater agrees with it fully and with the second as the raters do
+    probs = [float(r["label"]) for r in first]
+    res = ra.compare(first, second, probs, threshold=0.5)
+    assert res["judge_vs_first"]["accuracy"] == 1.0 and res["judge_vs_second"]["accuracy"] == res["agreement"]
+    with pytest.raises(SystemExit, match="row 1 differs"):
+        ra.compare(second[1:], second[:-1])
