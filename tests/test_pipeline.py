@@ -30,7 +30,9 @@ def test_table_has_controls_and_attacks(tiny_run):
                      ("booster", "attacked", 0.0), ("booster", "attacked", 0.25)}
     for r in rows:
         assert 0 <= r["harmful_score"] <= 100 and 0 <= r["accuracy"] <= 100 and 0 <= r["refusal_rate"] <= 100
+        assert 0 <= r["empty_rate"] <= 100
     table = (out / "results.md").read_text()
+    assert "| empty % |" in table
     assert "| none | unaligned |" in table and "Judge: refusal" in table
     assert (out / "results.csv").is_file() and (out / "attack_harmful_loss.png").is_file()
     # one row per defence with its controls side by side
@@ -179,3 +181,19 @@ def test_report_accepts_list_valued_settings():
                "aligned": "e1", "attacked": d} for p, d in ((0.0, "e2"), (0.2, "e3"))]
     (table,) = controls_table(rows, chains)
     assert table["p=0.2 HS"] == "50.0" and "p=0.2−p0≥30 ✓" in table["SFT calibration checks"]
+
+
+def test_empty_rate_counts_silent_answers_and_reaches_old_runs(tiny_run, tmp_path):
+    from booster.io import rewrite_jsonl
+    from booster.pipeline import empty_rate
+
+    gens = [{"kind": "harmful", "answer": a} for a in ("", "  \n", "Sure: step 1", "I cannot help.")]
+    rewrite_jsonl(tmp_path / "generations.jsonl", gens + [{"kind": "task", "answer": ""}])
+    assert empty_rate(tmp_path) == 50.0, "whitespace is empty; task answers do not count"
+    # results written before the column existed get it from `booster report`
+    cfg, out, rows = tiny_run
+    old = [{k: v for k, v in r.items() if k != "empty_rate"} for r in read_jsonl(out / "results.jsonl")]
+    rewrite_jsonl(out / "results.jsonl", old)
+    assert main(["report", str(out)]) == 0
+    back = read_jsonl(out / "results.jsonl")
+    assert all(r["empty_rate"] == empty_rate(out / r["eval_dir"]) for r in back)

@@ -65,6 +65,13 @@ def _legacy_answers(d: Path, gens: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: old[k] for k in ("upstream", "task", "refusal_rate", "accuracy", "n_harmful", "n_task") if k in old}
 
 
+def empty_rate(eval_dir: Path) -> float:
+    """% of the answers to harmful prompts that are empty: harmless by silence, not by refusal.
+    Read from the stage's generations, so runs evaluated before this column existed get it too."""
+    harmful = [g for g in read_jsonl(Path(eval_dir) / "generations.jsonl") if g["kind"] == "harmful"]
+    return 100.0 * sum(not g["answer"].strip() for g in harmful) / len(harmful) if harmful else 0.0
+
+
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -337,7 +344,8 @@ class Pipeline:
             return {}
         metrics = self.judged(cfg, d)
         row = {**labels, "harmful_score": metrics["harmful_score"], "refusal_rate": metrics["refusal_rate"],
-               "accuracy": metrics.get("accuracy"), "judge": metrics["judge"]["name"], "eval_dir": self._rel(d)}
+               "empty_rate": empty_rate(d), "accuracy": metrics.get("accuracy"), "judge": metrics["judge"]["name"],
+               "eval_dir": self._rel(d)}
         self.rows = [r for r in self.rows if r["eval_dir"] != row["eval_dir"]] + [row]
         return row
 
@@ -601,6 +609,10 @@ def report_run_dir(root: Path, judge: str | None = None, judge_path: str | None 
             metrics = pipeline.judged(cfg, root / row["eval_dir"])
             row.update(harmful_score=metrics["harmful_score"], refusal_rate=metrics["refusal_rate"],
                        accuracy=metrics.get("accuracy"), judge=metrics["judge"]["name"])
+    missing = [r for r in rows if "empty_rate" not in r]  # rows written before the column existed
+    for row in missing:
+        row["empty_rate"] = empty_rate(root / row["eval_dir"])
+    if judge or missing:
         rewrite_jsonl(root / "results.jsonl", rows)
     described = read_json(root / rows[0]["eval_dir"] / "metrics.json")["judge"]
     return write_report(root, cfg, rows, chains, described) + plot_attack_curves(root) + plot_alignment_curves(root)

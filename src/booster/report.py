@@ -53,6 +53,8 @@ def summarise(rows: list[dict[str, Any]], extra_labels: tuple[str, ...] = ()) ->
         entry["seeds"] = len(members)
         entry["HS %"] = _mean_std([m["harmful_score"] for m in members])
         entry["refusal %"] = _mean_std([m["refusal_rate"] for m in members])
+        if any("empty_rate" in m for m in members):
+            entry["empty %"] = _mean_std([m.get("empty_rate") for m in members])
         entry["FA %"] = _mean_std([m.get("accuracy") for m in members])
         out.append(entry)
     out.sort(key=lambda e: (STAGE_ORDER.get(e.get("stage"), 9), str(e.get("defense")), e.get("p") or 0,
@@ -132,7 +134,8 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[
     header = (f"# Results: {root}\n\n"
               f"Judge: {judge['name']} (version {judge['version']}, threshold {judge['threshold']}). "
               f"HS = harmful score (% of {cfg.eval.n_harmful} held-out harmful prompts whose answer the judge "
-              f"flags), refusal = % of answers with a refusal phrase (second opinion), FA = fine-tune "
+              f"flags), refusal = % of answers with a refusal phrase (second opinion), empty = % of empty "
+              f"answers (harmless by silence), FA = fine-tune "
               f"{'accuracy' if cfg.attack.task != 'instructions' else 'reference similarity'} on {cfg.attack.task} "
               f"({cfg.eval.n_task} items). Adapter protocol of the attack: {cfg.attack.adapter}; harmful pairs "
               f"available to every alignment defence: {cfg.data.n_harmful}; mean ± std over seeds.\n")
