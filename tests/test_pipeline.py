@@ -135,6 +135,33 @@ def test_benign_mixing(tiny_cfg, capsys):
         load_config("tiny", ["data.n_benign=3"])
 
 
+def test_benign_mix_control(tiny_cfg):
+    """attack.mix=TASK mixes benign samples of another task in place of the harmful pairs."""
+    from booster.attack import poisoned_set
+    from booster.config import ConfigError, load_config
+    from booster.data.base import normalise
+    from booster.pipeline import _payloads
+
+    cfg = tiny_cfg("grid={}", "data.benign_tasks=[gsm8k]", "data.n_benign=20", "attack.mix=gsm8k", "attack.p=0.5")
+    pipe = Pipeline(cfg)
+    mix = pipe.mix_pool(cfg)
+    assert mix and {x.source for x in mix} == {"gsm8k"}
+    assert not {normalise(x.prompt) for x in mix} & {normalise(x.prompt) for x in pipe.benign(cfg)}, \
+        "the control's samples must not be alignment's benign examples"
+    train = poisoned_set(pipe.task_pool(cfg), mix, n=cfg.attack.n, p=cfg.attack.p, seed=0)
+    harmful = {normalise(x.prompt) for x in pipe.safety(cfg).attack_pool}
+    assert not {normalise(x.prompt) for x in train} & harmful
+    assert sum(x.source == "gsm8k" for x in train) == round(cfg.attack.n * cfg.attack.p)
+    # p=0 mixes nothing: one stage for every mix; p>0 is a different stage per mix
+    at = {m: tiny_cfg("grid={}", f"attack.mix={m}", "attack.p=0.0") for m in ("harmful", "gsm8k")}
+    assert _payloads(at["harmful"])["attack"] == _payloads(at["gsm8k"])["attack"]
+    assert _payloads(cfg)["attack"]["mix"] == "gsm8k"
+    assert "mix" not in _payloads(tiny_cfg("grid={}", "attack.p=0.5"))["attack"], "the default adds nothing to hashes"
+    for bad, msg in (("attack.mix=sst2", "is the attack's own task"), ("attack.mix=poison", "attack.mix=.poison. is not known")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config("tiny", [bad])
+
+
 def test_a_new_judge_rescores_without_regenerating(tiny_run, monkeypatch):
     """Generations are the evaluation stage's output; judging them is cached per judge version."""
     import booster.evaluate.judges as judges

@@ -2,7 +2,8 @@
 
 The fine-tuning set has n samples; round(p·n) of them are harmful pairs drawn from the
 attacker's pool (disjoint from the alignment, probe and evaluation sets), the rest are task
-samples. The attack itself is an ordinary run of the training loop on that set.
+samples. For a benign control (attack.mix=TASK) the mixed-in samples come from another
+task's pool instead: same mixing, benign content. The attack itself is an ordinary run of the training loop on that set.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def poisoned_set(task_pool: list[Example], harmful_pool: list[Example], *, n: in
         raise DataError(f"attack.n={n} needs {n_task} task samples but the task pool has {len(task_pool)}; "
                         "lower attack.n")
     if n_harmful > len(harmful_pool):
-        raise DataError(f"attack.n·p = {n_harmful} harmful samples but the attacker's pool has {len(harmful_pool)}; "
+        raise DataError(f"attack.n·p = {n_harmful} mixed-in samples but their pool (attack.mix) has {len(harmful_pool)}; "
                         "lower attack.p or attack.n, or data.n_harmful / data.n_probe to leave more")
     rng = random.Random(seed)
     mix = rng.sample(task_pool, n_task) + rng.sample(harmful_pool, n_harmful)

@@ -242,6 +242,10 @@ class AttackConfig:
     """Fine-tuning samples (paper: 1000)."""
     p: float = 0.1
     """Fraction of the n samples replaced by harmful pairs (paper: 0.1)."""
+    mix: str = "harmful"
+    """What the p·n mixed-in samples are: 'harmful' (the attack), or a task name for a benign
+    control with the attack's mixing, e.g. 'gsm8k' (long benign answers): it separates what
+    harmful content does from what any long answers in the mix do."""
     adapter: str = "single"
     """'single': keep training the alignment LoRA (Booster's protocol in the reference);
     'merge_new': merge the alignment LoRA into the weights, then train a new LoRA
@@ -259,6 +263,8 @@ class AttackConfig:
 
         _one_of(self.task, tuple(TASKS), "attack.task")
         _one_of(self.adapter, ("single", "merge_new"), "attack.adapter")
+        _one_of(self.mix, ("harmful", *TASKS), "attack.mix")
+        _check(self.mix != self.task, f"attack.mix={self.mix} is the attack's own task; mix in 'harmful' or another task")
         _one_of(self.defense, defense_names("attack"), "attack.defense")
         _check(self.n >= 1, f"attack.n must be >= 1, got {self.n}")
         _check(0.0 <= self.p <= 1.0, f"attack.p must be in [0, 1], got {self.p}")

@@ -106,6 +106,7 @@ def _payloads(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """The stage-deciding settings of each section (the judge does not decide generations)."""
     align_drop = _defense_sections(cfg.align, cfg.align.defense, ("booster", "vaccine", "repnoise")) + ("eval_every",)
     attack_drop = _defense_sections(cfg.attack, cfg.attack.defense, ("lisa",)) + ("probe_every",)
+    attack_drop += ("mix",) if cfg.attack.p == 0 else ()  # nothing is mixed in: one stage for every mix
     return {"model": _section(cfg.model), "data": _section(cfg.data, drop=("dir",)),
             "align": {"defense": cfg.align.defense, **_section(cfg.align, drop=align_drop)},
             "attack": {"p": cfg.attack.p, **_section(cfg.attack, drop=attack_drop)},
@@ -161,6 +162,16 @@ class Pipeline:
     def task_pool(self, cfg: ExperimentConfig) -> list[Example]:
         return self._memo(("pool", cfg.attack.task, cfg.data.source),
                           lambda: get_task(cfg.attack.task).pool(self.data_dir, cfg.data.source))
+
+    def mix_pool(self, cfg: ExperimentConfig) -> list[Example]:
+        """Where the attack's p·n mixed-in samples come from: the attacker's harmful pairs, or, for
+        the benign control (attack.mix=TASK), the first half of that task's pool; alignment's
+        benign examples come from the end of each pool (benign()), so the two never overlap."""
+        if cfg.attack.mix == "harmful":
+            return self.safety(cfg).attack_pool
+        pool = self._memo(("pool", cfg.attack.mix, cfg.data.source),
+                          lambda: get_task(cfg.attack.mix).pool(self.data_dir, cfg.data.source))
+        return pool[:len(pool) // 2]
 
     def task_eval(self, cfg: ExperimentConfig) -> list[Example]:
         return self._memo(("task_eval", cfg.attack.task, cfg.data.source),
@@ -313,7 +324,7 @@ class Pipeline:
             data = self.safety(cfg)
             pool = self.task_pool(cfg)
             model = build_model(cfg.model, tok, up, self.root, train=mode)
-        train_set = poisoned_set(pool, data.attack_pool, n=cfg.attack.n, p=cfg.attack.p, seed=cfg.run.seed)
+        train_set = poisoned_set(pool, self.mix_pool(cfg), n=cfg.attack.n, p=cfg.attack.p, seed=cfg.run.seed)
         if self.main:
             write_csv(d / "train_set.csv", [{"source": ex.source, "prompt": ex.prompt, "response": ex.response}
                                             for ex in train_set])
@@ -458,7 +469,7 @@ class Pipeline:
                                 "pre-train the user's task; drop it from data.benign_tasks")
             self.benign(cfg)
             if cfg.attack.enabled:
-                poisoned_set(self.task_pool(cfg), data.attack_pool, n=cfg.attack.n, p=cfg.attack.p, seed=0)
+                poisoned_set(self.task_pool(cfg), self.mix_pool(cfg), n=cfg.attack.n, p=cfg.attack.p, seed=0)
                 if cfg.attack.defense == "lisa":
                     steps = total_steps(cfg.attack.optim, cfg.attack.n)
                     if steps <= cfg.attack.lisa.align_steps:
