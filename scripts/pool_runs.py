@@ -7,7 +7,8 @@ Rows come from each directory's results.jsonl (after `booster report DIR --judge
 rescored values). A row lacking a --where key is judged by its sweep's base config; aligned
 models are filtered on the keys they carry only (attack settings do not apply to them).
 --label DIR:DEFENCE=NAME renames one defence of one directory (runs whose base configs
-differ outside the grid, e.g. align.booster.alpha).
+differ outside the grid, e.g. align.booster.alpha). --empty adds the share of empty answers
+to harmful prompts per column (harmless by silence).
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def main() -> None:
     ap.add_argument("run_dirs", nargs="+", type=Path)
     ap.add_argument("--where", action="append", default=[], help="KEY=VALUE a row must have")
     ap.add_argument("--label", action="append", default=[], help="DIR:DEFENCE=NAME renames a defence of one dir")
+    ap.add_argument("--empty", action="store_true",
+                    help="also the share of empty answers to harmful prompts (rows get it from `booster report DIR`)")
     args = ap.parse_args()
+    metrics = {"HS": "harmful_score", "FA": "accuracy"} | ({"empty": "empty_rate"} if args.empty else {})
     labels = parse_labels(args.label)
     where = [x.split("=", 1) for x in args.where]
     cells: dict[tuple, dict[str, dict]] = {}
@@ -69,7 +73,7 @@ def main() -> None:
             # one value per evaluated model: the same eval dir seen from two sweeps counts once
             cells.setdefault((name,), {}).setdefault(col, {})[(str(run_dir), row["eval_dir"])] = row
     cols = sorted({c for v in cells.values() for c in v}, key=lambda c: (c != "aligned", c))
-    head = ["defence", "seeds"] + [f"{c} {m}" for c in cols for m in ("HS", "FA")]
+    head = ["defence", "seeds"] + [f"{c} {m}" for c in cols for m in metrics]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for (name,), by_col in sorted(cells.items()):
         seeds = max(len({r["seed"] for r in v.values()}) for v in by_col.values())
@@ -77,8 +81,9 @@ def main() -> None:
         for c in cols:
             rows = list(by_col.get(c, {}).values())
             uniq = {r["seed"]: r for r in rows}.values()  # seed-unique (shared controls)
-            out += [_fmt([r["harmful_score"] for r in uniq]) if rows else "–",
-                    _fmt([r["accuracy"] for r in uniq]) if rows else "–"]
+            for key in metrics.values():
+                values = [r.get(key) for r in uniq]
+                out.append(_fmt(values) if rows and None not in values else "–")
         print("| " + " | ".join(out) + " |")
 
 
