@@ -3,7 +3,8 @@
 The fine-tuning set has n samples; round(p·n) of them are harmful pairs drawn from the
 attacker's pool (disjoint from the alignment, probe and evaluation sets), the rest are task
 samples. For a benign control (attack.mix=TASK) the mixed-in samples come from another
-task's pool instead: same mixing, benign content. The attack itself is an ordinary run of the training loop on that set.
+task's pool instead: same mixing, benign content. The attack itself is an ordinary run of
+the training loop on that set.
 """
 
 from __future__ import annotations
