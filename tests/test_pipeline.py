@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -162,12 +163,14 @@ def test_benign_mix_control(tiny_cfg):
             load_config("tiny", [bad])
 
 
-def test_a_new_judge_rescores_without_regenerating(tiny_run, monkeypatch):
+def test_a_new_judge_rescores_without_regenerating(tiny_run, tmp_path, monkeypatch):
     """Generations are the evaluation stage's output; judging them is cached per judge version."""
     import booster.evaluate.judges as judges
     from booster.config import load_config
 
-    cfg, out, rows = tiny_run
+    cfg, shared, rows = tiny_run
+    out = tmp_path / "run"  # a copy: the shared run must keep the judge it was scored with
+    shutil.copytree(shared, out)
 
     class Everything(judges.RefusalJudge):
         name = "everything"
@@ -193,6 +196,7 @@ def test_a_new_judge_rescores_without_regenerating(tiny_run, monkeypatch):
     back = {r["eval_dir"]: r for r in read_jsonl(out / "results.jsonl")}
     assert {d: r["harmful_score"] for d, r in back.items()} == {r["eval_dir"]: r["harmful_score"] for r in rows}
     assert all(r["judge"] == "refusal" for r in back.values())
+    assert "judge: refusal" in (out / "config.yaml").read_text(), "the config names the judge behind the scores"
 
 
 def test_report_accepts_list_valued_settings():

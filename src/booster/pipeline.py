@@ -625,5 +625,7 @@ def report_run_dir(root: Path, judge: str | None = None, judge_path: str | None 
         row["empty_rate"] = empty_rate(root / row["eval_dir"])
     if judge or missing:
         rewrite_jsonl(root / "results.jsonl", rows)
+    if judge:  # the directory keeps describing itself: its config names the judge behind its scores
+        atomic_write_text(root / "config.yaml", to_yaml(cfg))
     described = read_json(root / rows[0]["eval_dir"] / "metrics.json")["judge"]
     return write_report(root, cfg, rows, chains, described) + plot_attack_curves(root) + plot_alignment_curves(root)
