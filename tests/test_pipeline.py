@@ -163,6 +163,24 @@ def test_benign_mix_control(tiny_cfg):
             load_config("tiny", [bad])
 
 
+def test_a_p0_row_shared_by_every_mix_names_none(tiny_cfg):
+    """The p=0 stage is one for every attack.mix; its row must not carry whichever mix reported it last."""
+    from pathlib import Path
+
+    from booster.io import rewrite_jsonl
+
+    cfg = tiny_cfg("grid={}", "data.benign_tasks=[gsm8k]", "data.n_benign=20", "grid.attack.p=[0.0, 0.5]",
+                   "grid.attack.mix=[harmful, gsm8k]", "run.controls=false")
+    rows = [r for r in Pipeline(cfg).run() if r["stage"] == "attacked"]
+    assert sorted((r["p"], r.get("attack.mix")) for r in rows) == [(0.0, None), (0.5, "gsm8k"), (0.5, "harmful")]
+    # runs reported before the fix lose the stale label on `booster report`
+    out = Path(cfg.run.out_dir)
+    stale = [{**r, "attack.mix": "gsm8k"} if r.get("p") == 0.0 else r for r in read_jsonl(out / "results.jsonl")]
+    rewrite_jsonl(out / "results.jsonl", stale)
+    assert main(["report", str(out)]) == 0
+    assert all("attack.mix" not in r for r in read_jsonl(out / "results.jsonl") if r.get("p") == 0.0)
+
+
 def test_a_new_judge_rescores_without_regenerating(tiny_run, tmp_path, monkeypatch):
     """Generations are the evaluation stage's output; judging them is cached per judge version."""
     import booster.evaluate.judges as judges

@@ -530,9 +530,11 @@ class Pipeline:
         if not evaluate:
             return None
         defense = cfg.align.defense if cfg.attack.defense == "sft" else f"{cfg.align.defense}+{cfg.attack.defense}"
+        attacked_labels = labels("attacked", ("",))
+        if not cfg.attack.p:  # nothing is mixed in at p=0: the row is shared by every attack.mix
+            attacked_labels.pop("attack.mix", None)
         row = self.evaluate(cfg, attacked, {"defense": defense, "seed": cfg.run.seed, "p": cfg.attack.p,
-                                            "n": cfg.attack.n, "adapter": cfg.attack.adapter,
-                                            **labels("attacked", ("",))})
+                                            "n": cfg.attack.n, "adapter": cfg.attack.adapter, **attacked_labels})
         chain["attacked"] = row.get("eval_dir")
         return chain
 
@@ -623,7 +625,9 @@ def report_run_dir(root: Path, judge: str | None = None, judge_path: str | None 
     missing = [r for r in rows if "empty_rate" not in r]  # rows written before the column existed
     for row in missing:
         row["empty_rate"] = empty_rate(root / row["eval_dir"])
-    if judge or missing:
+    # rows written before p=0 rows dropped their attack.mix label (they are shared by every mix)
+    relabelled = [r for r in rows if r.get("stage") == "attacked" and not r.get("p") and r.pop("attack.mix", None)]
+    if judge or missing or relabelled:
         rewrite_jsonl(root / "results.jsonl", rows)
     if judge:  # the directory keeps describing itself: its config names the judge behind its scores
         atomic_write_text(root / "config.yaml", to_yaml(cfg))
