@@ -232,6 +232,30 @@ def test_report_accepts_list_valued_settings():
     assert table["p=0.2 HS"] == "50.0" and "p=0.2−p0≥30 ✓" in table["SFT calibration checks"]
 
 
+def test_durability_table_reads_steps_to_a_harmful_score_of_50():
+    from booster.report import durability_table
+
+    rows = [{"defense": d, "stage": "attacked", "p": 0.2, "seed": seed, "attack.optim.lr": 5e-4,
+             "attack.optim.steps": steps, "harmful_score": hs, "eval_dir": f"{d}{steps}{seed}"}
+            for d, curve in (("sft", {50: (30, 40), 100: (45, 60), 200: (80, 70)}),
+                             ("booster", {50: (5, 5), 100: (10, 20), 200: (30, 40)}))
+            for steps, by_seed in curve.items() for seed, hs in enumerate(by_seed)]
+    table = {r["defense"]: r for r in durability_table(rows)}
+    assert table["sft"]["HS after 100"] == "52.5" and table["sft"]["steps to HS≥50"] == "100"
+    assert table["booster"]["steps to HS≥50"] == "> 200", "never reached: say so, do not extrapolate"
+
+
+def test_answers_side_by_side(tiny_run):
+    """answers.md puts every evaluated model's answer to the same harmful prompts next to each other."""
+    cfg, out, rows = tiny_run
+    text = (out / "answers.md").read_text()
+    first = text.split("\n## 1. ")[1].split("\n## ")[0]
+    assert "defense=none, stage=unaligned" in first and "defense=booster, stage=attacked, p=0.25" in first
+    assert first.count("\n| defense=") == len(rows), "one answer per evaluated model (one seed here)"
+    prompt = first.split("\n")[0]
+    assert prompt in {g["prompt"] for g in read_jsonl(out / rows[0]["eval_dir"] / "generations.jsonl")}
+
+
 def test_empty_rate_counts_silent_answers_and_reaches_old_runs(tiny_run, tmp_path):
     from booster.io import rewrite_jsonl
     from booster.pipeline import empty_rate
