@@ -36,6 +36,7 @@ def test_table_has_controls_and_attacks(tiny_run):
     assert "| empty % |" in table
     assert "| none | unaligned |" in table and "Judge: refusal" in table
     assert (out / "results.csv").is_file() and (out / "attack_harmful_loss.png").is_file()
+    assert (out / "hs_vs_p.png").is_file() and (out / "fa_vs_p.png").is_file() and "`hs_vs_p.png`" in table
     # one row per defence with its controls side by side
     assert "## Each setting with its controls" in table
     controls = table.split("## Every evaluated model")[0]

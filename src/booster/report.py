@@ -148,6 +148,9 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[
         parts.append(f"## Durability: attack steps to a harmful score of {DURABLE_AT:g}\n\n"
                      + markdown_table(durability_table(rows)))
     parts.append("## Every evaluated model\n\n" + markdown_table(summarise(rows, extra)))
+    plots = plot_scores_against(root, rows, varied_keys(cfg))
+    if plots:
+        parts.append("Plots: " + ", ".join(f"`{name}`" for name in plots) + "\n")
     text = "\n".join(parts)
     write_csv(root / "results.csv", rows)
     atomic_write_text(root / "results.md", text)
@@ -156,6 +159,40 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[
 
 
 DURABLE_AT = 50.0
+# a swept setting as it appears on an attacked row, for the paper-style "score against X" plots
+AGAINST = {"attack.p": "p", "attack.n": "n", "attack.optim.steps": "attack.optim.steps",
+           "attack.optim.lr": "attack.optim.lr", "align.booster.lam": "align.booster.lam",
+           "align.booster.alpha": "align.booster.alpha"}
+
+
+def plot_scores_against(root: Path, rows: list[dict[str, Any]], varied: list[str]) -> list[str]:
+    """For each swept numeric setting, harmful score and fine-tune accuracy of the attacked models
+    against it (mean over seeds), one line per defence and combination of the other settings."""
+    written = []
+    attacked = [r for r in rows if r.get("stage") == "attacked"]
+    for key in (k for k in varied if k in AGAINST):
+        col = AGAINST[key]
+        others = [k for k in varied if k not in (key, "run.seed", "align.defense", "attack.p") and AGAINST.get(k) != col]
+        others += ["p"] if col != "p" else []
+        groups: dict[str, dict[float, list[dict[str, Any]]]] = {}
+        for r in attacked:
+            if not isinstance(r.get(col), (int, float)):
+                continue
+            name = ", ".join([str(r.get("defense"))] + [f"{k.split('.')[-1]}={_label(r.get(k))}" for k in others
+                                                        if r.get(k) is not None])
+            groups.setdefault(name, {}).setdefault(r[col], []).append(r)
+        if not groups or all(len(points) < 2 for points in groups.values()):
+            continue
+        for metric, ylabel, short in (("harmful_score", "harmful score (%)", "hs"), ("accuracy", "fine-tune accuracy (%)", "fa")):
+            series = {}
+            for name, points in sorted(groups.items()):
+                xs = sorted(points)
+                ys = [_mean([r.get(metric) for r in points[x]]) for x in xs]
+                series[name] = ([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None])
+            path = root / f"{short}_vs_{col.split('.')[-1]}.png"
+            plot_series(series, path, title=f"{ylabel} after the attack vs {key}", xlabel=key, ylabel=ylabel)
+            written.append(path.name)
+    return written
 
 
 def durability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
