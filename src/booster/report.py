@@ -172,7 +172,7 @@ def plot_scores_against(root: Path, rows: list[dict[str, Any]], varied: list[str
     attacked = [r for r in rows if r.get("stage") == "attacked"]
     for key in (k for k in varied if k in AGAINST):
         col = AGAINST[key]
-        others = [k for k in varied if k not in (key, "run.seed", "align.defense", "attack.p") and AGAINST.get(k) != col]
+        others = [k for k in varied if k not in (key, "run.seed", "align.defense", "attack.p")]
         others += ["p"] if col != "p" else []
         groups: dict[str, dict[float, list[dict[str, Any]]]] = {}
         for r in attacked:
@@ -183,7 +183,8 @@ def plot_scores_against(root: Path, rows: list[dict[str, Any]], varied: list[str
             groups.setdefault(name, {}).setdefault(r[col], []).append(r)
         if not groups or all(len(points) < 2 for points in groups.values()):
             continue
-        for metric, ylabel, short in (("harmful_score", "harmful score (%)", "hs"), ("accuracy", "fine-tune accuracy (%)", "fa")):
+        for metric, ylabel, short in (("harmful_score", "harmful score (%)", "hs"),
+                                      ("accuracy", "fine-tune accuracy (%)", "fa")):
             series = {}
             for name, points in sorted(groups.items()):
                 xs = sorted(points)
@@ -232,6 +233,8 @@ def answers_side_by_side(root: Path, rows: list[dict[str, Any]], judge: dict[str
             continue
         row = min(members, key=lambda r: r.get("seed") or 0)
         d = root / row["eval_dir"]
+        if not (d / "generations.jsonl").is_file():  # results copied without their stages
+            continue
         harmful = [g for g in read_jsonl(d / "generations.jsonl") if g["kind"] == "harmful"]
         judged = d / f"judged-{judge['name']}-{judge['version']}.json"
         probs = read_json(judged)["harm_probs"] if judged.is_file() else [None] * len(harmful)
