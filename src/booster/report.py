@@ -4,7 +4,9 @@ Two tables come out of a run: every evaluated model with its labels, averaged ov
 (results.md), and — when the grid varies the harmful ratio p — one row per setting with its
 controls side by side: the unaligned model, the aligned model before the attack, the attack
 on benign data only (p = 0) and the attack at each p > 0 (controls.md). A harmful score
-means something only next to those controls.
+means something only next to those controls. Beside them: answers.md (the same harmful prompts
+answered by every model, with the judge's verdict), a durability table when the grid varies
+the attack's steps, and plots of the scores against each swept setting.
 """
 
 from __future__ import annotations
