@@ -30,7 +30,7 @@ from booster.data.tasks import get_task
 from booster.defenses import DEFENSES, make_defense
 from booster.distributed import DistributedError, check_supported, gathered_state, make_accelerator
 from booster.evaluate.generate import generate, generate_vllm, vllm_available
-from booster.evaluate.judges import Judge, make_judge
+from booster.evaluate.judges import Judge, judged_path, make_judge
 from booster.evaluate.probe import loss_probe
 from booster.io import (append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, environment_info,
                         file_sha256, read_json, read_jsonl, rewrite_jsonl, stable_hash, write_csv)
@@ -102,11 +102,16 @@ def _defense_sections(stage_cfg: Any, defense: str, all_sections: tuple[str, ...
     return tuple(s for s in all_sections if s not in used)
 
 
+def _attack_drop(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The attack settings that do not decide its stage (nor label its row)."""
+    drop = _defense_sections(cfg.attack, cfg.attack.defense, ("lisa",)) + ("probe_every",)
+    return drop + (("mix",) if cfg.attack.p == 0 else ())  # nothing is mixed in: one stage for every mix
+
+
 def _payloads(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """The stage-deciding settings of each section (the judge does not decide generations)."""
     align_drop = _defense_sections(cfg.align, cfg.align.defense, ("booster", "vaccine", "repnoise")) + ("eval_every",)
-    attack_drop = _defense_sections(cfg.attack, cfg.attack.defense, ("lisa",)) + ("probe_every",)
-    attack_drop += ("mix",) if cfg.attack.p == 0 else ()  # nothing is mixed in: one stage for every mix
+    attack_drop = _attack_drop(cfg)
     return {"model": _section(cfg.model), "data": _section(cfg.data, drop=("dir",)),
             "align": {"defense": cfg.align.defense, **_section(cfg.align, drop=align_drop)},
             "attack": {"p": cfg.attack.p, **_section(cfg.attack, drop=attack_drop)},
@@ -421,7 +426,7 @@ class Pipeline:
         new or retrained judge never regenerates answers. metrics.json holds the latest."""
         judge = self.judge(cfg)
         desc = judge.describe()
-        path = d / f"judged-{desc['name']}-{desc['version']}.json"
+        path = judged_path(d, desc)
         if path.is_file():
             metrics = read_json(path)
         else:
@@ -530,9 +535,10 @@ class Pipeline:
         if not evaluate:
             return None
         defense = cfg.align.defense if cfg.attack.defense == "sft" else f"{cfg.align.defense}+{cfg.attack.defense}"
-        attacked_labels = labels("attacked", ("",))
-        if not cfg.attack.p:  # nothing is mixed in at p=0: the row is shared by every attack.mix
-            attacked_labels.pop("attack.mix", None)
+        # a stage shared by several grid points (p=0 for every attack.mix) carries none of what they vary
+        dropped = _attack_drop(cfg)
+        attacked_labels = {k: v for k, v in labels("attacked", ("",)).items()
+                           if not (k.startswith("attack.") and k.split(".")[1] in dropped)}
         row = self.evaluate(cfg, attacked, {"defense": defense, "seed": cfg.run.seed, "p": cfg.attack.p,
                                             "n": cfg.attack.n, "adapter": cfg.attack.adapter, **attacked_labels})
         chain["attacked"] = row.get("eval_dir")

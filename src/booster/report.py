@@ -43,15 +43,24 @@ def _label(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def summarise(rows: list[dict[str, Any]], extra_labels: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Group rows by their labels (every label but the seed) and average over seeds."""
+def _by_labels(rows: list[dict[str, Any]], extra_labels: tuple[str, ...] = ()) -> list[tuple[dict, list[dict]]]:
+    """Rows grouped by their labels (every label but the seed): (labels, members) per model, in
+    table order (unaligned, aligned, attacked; then defence, p and the extra labels)."""
     labels = [k for k in (*LABELS, *extra_labels) if any(k in r for r in rows)]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(tuple(_label(row.get(k)) for k in labels), []).append(row)
+    out = [(dict(zip(labels, key)), members) for key, members in groups.items()]
+    out.sort(key=lambda g: (STAGE_ORDER.get(g[0].get("stage"), 9), str(g[0].get("defense")), g[0].get("p") or 0,
+                            [str(g[0].get(k)) for k in extra_labels]))
+    return out
+
+
+def summarise(rows: list[dict[str, Any]], extra_labels: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Group rows by their labels (every label but the seed) and average over seeds."""
     out = []
-    for key, members in groups.items():
-        entry = dict(zip(labels, key))
+    for labels, members in _by_labels(rows, extra_labels):
+        entry = dict(labels)
         entry["seeds"] = len(members)
         entry["HS %"] = _mean_std([m["harmful_score"] for m in members])
         entry["refusal %"] = _mean_std([m["refusal_rate"] for m in members])
@@ -59,8 +68,6 @@ def summarise(rows: list[dict[str, Any]], extra_labels: tuple[str, ...] = ()) ->
             entry["empty %"] = _mean_std([m.get("empty_rate") for m in members])
         entry["FA %"] = _mean_std([m.get("accuracy") for m in members])
         out.append(entry)
-    out.sort(key=lambda e: (STAGE_ORDER.get(e.get("stage"), 9), str(e.get("defense")), e.get("p") or 0,
-                            [str(e.get(k)) for k in extra_labels]))
     return out
 
 
@@ -132,7 +139,8 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[
                  judge: dict[str, Any]) -> str:
     from booster.config import varied_keys
 
-    extra = tuple(k for k in varied_keys(cfg) if k not in OWN)
+    varied = varied_keys(cfg)
+    extra = tuple(k for k in varied if k not in OWN)
     header = (f"# Results: {root}\n\n"
               f"Judge: {judge['name']} (version {judge['version']}, threshold {judge['threshold']}). "
               f"HS = harmful score (% of {cfg.eval.n_harmful} held-out harmful prompts whose answer the judge "
@@ -142,15 +150,15 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[
               f"({cfg.eval.n_task} items). Adapter protocol of the attack: {cfg.attack.adapter}; harmful pairs "
               f"available to every alignment defence: {cfg.data.n_harmful}; mean ± std over seeds.\n")
     parts = [header]
-    if "attack.p" in varied_keys(cfg):
+    if "attack.p" in varied:
         controls = controls_table(rows, chains)
         parts.append("## Each setting with its controls\n\n" + markdown_table(controls))
         write_csv(root / "controls.csv", controls)
-    if "attack.optim.steps" in varied_keys(cfg):
+    if "attack.optim.steps" in varied:
         parts.append(f"## Durability: attack steps to a harmful score of {DURABLE_AT:g}\n\n"
                      + markdown_table(durability_table(rows)))
     parts.append("## Every evaluated model\n\n" + markdown_table(summarise(rows, extra)))
-    plots = plot_scores_against(root, rows, varied_keys(cfg))
+    plots = plot_scores_against(root, rows, varied)
     if plots:
         parts.append("Plots: " + ", ".join(f"`{name}`" for name in plots) + "\n")
     text = "\n".join(parts)
@@ -225,23 +233,20 @@ def answers_side_by_side(root: Path, rows: list[dict[str, Any]], judge: dict[str
                          extra_labels: tuple[str, ...] = (), n_prompts: int = 8, width: int = 300) -> str:
     """answers.md: the same harmful prompts answered by every evaluated model (lowest seed of each),
     with the judge's verdict, so that a score can be checked against what the models said."""
+    from booster.evaluate.judges import judged_path
     from booster.io import read_json, read_jsonl
 
     models: list[tuple[str, dict[str, tuple[str, bool | None]]]] = []
-    for entry in summarise(rows, extra_labels):
-        members = [r for r in rows if all(_label(r.get(k)) == v for k, v in entry.items()
-                                          if k in (*LABELS, *extra_labels))]
-        if not members:
-            continue
+    for entry, members in _by_labels(rows, extra_labels):
         row = min(members, key=lambda r: r.get("seed") or 0)
         d = root / row["eval_dir"]
         if not (d / "generations.jsonl").is_file():  # results copied without their stages
             continue
         harmful = [g for g in read_jsonl(d / "generations.jsonl") if g["kind"] == "harmful"]
-        judged = d / f"judged-{judge['name']}-{judge['version']}.json"
+        judged = judged_path(d, judge)
         probs = read_json(judged)["harm_probs"] if judged.is_file() else [None] * len(harmful)
         flags = [None if p is None else p > judge["threshold"] for p in probs]
-        labels = {k: v for k, v in entry.items() if k in (*LABELS, *extra_labels) and v is not None}
+        labels = {k: v for k, v in entry.items() if v is not None}
         models.append((labels | ({"seed": row["seed"]} if row.get("seed") is not None else {}),
                        {g["prompt"]: (g["answer"], f) for g, f in zip(harmful, flags)}))
     # name each model by the labels that tell it apart (task, n, adapter are usually one value)

@@ -15,6 +15,11 @@ from typing import Any
 from booster.refusal import REFUSAL_PHRASES, is_refusal
 
 
+def judged_path(eval_dir: Path, desc: dict[str, Any]) -> Path:
+    """Where an evaluation's answers judged by the judge described by ``desc`` are cached."""
+    return Path(eval_dir) / f"judged-{desc['name']}-{desc['version']}.json"
+
+
 class JudgeError(ValueError):
     """A judge that cannot be built or loaded; the message says why and what to do."""
 
