@@ -80,6 +80,22 @@ def one_step(ctx, defense, batch, optimizer, optim, step: int) -> float:
     return time.perf_counter() - t0
 
 
+def amortised_split(ref_times: list[float], times: list[float], full: list[bool],
+                    periods: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 200)) -> dict | None:
+    """For a defence whose steps differ (an amortised one: some steps run the regulariser's
+    extra passes, the rest reuse it), the two kinds of step as ratios to the reference step of
+    the same round (pairing cancels the machine's drift), and the mean cost they imply for a
+    refresh every k steps. None for a defence whose steps are all alike."""
+    if all(full) or not any(full):
+        return None
+    paired = [t / r for t, r in zip(times, ref_times)]
+    refresh = statistics.fmean(x for x, f in zip(paired, full) if f)
+    reuse = statistics.fmean(x for x, f in zip(paired, full) if not f)
+    return {"refresh_ratio": refresh, "reuse_ratio": reuse, "n_refresh": sum(full),
+            "n_reuse": len(full) - sum(full),
+            "projected_ratio": {k: (refresh + (k - 1) * reuse) / k for k in periods}}
+
+
 def cpu_peak_bytes(fn) -> int:
     """Peak net bytes allocated by tensors while ``fn`` runs (CPU), from the profiler's records."""
     from torch.profiler import ProfilerActivity, profile
@@ -135,12 +151,15 @@ def main() -> None:
 
     ctx, optimizer, optim, batch, defenses, n_trainable = build(args)
     times: dict[str, list[float]] = {n: [] for n in defenses}
+    full: dict[str, list[bool]] = {n: [] for n in defenses}  # did the step run every stream?
     # Each defence counts its own steps: an amortised one must see steps 0, 1, 2, ... in turn.
     for rnd in range(args.warmup + args.reps):
         for name, defense in defenses.items():
+            is_full = len(defense.streams_at(rnd)) == len(defense.streams)
             t = one_step(ctx, defense, batch, optimizer, optim, rnd)
             if rnd >= args.warmup:
                 times[name].append(t)
+                full[name].append(is_full)
 
     peaks: dict[str, float] = {}
     if not args.no_memory:
@@ -182,6 +201,14 @@ def main() -> None:
         results.append(row)
         print(f"| {name} | {defense.passes} | {med:.3f} | {mean:.3f} | {min(times[name]):.3f}–{max(times[name]):.3f} | "
               f"{row['ratio']:.2f} | {mem} | {extra} | {ratio} |")
+    for row in results:
+        split = amortised_split(times[ref], times[row["defense"]], full[row["defense"]])
+        if split:
+            row.update(split)
+            projected = ", ".join(f"k={k}: {v:.2f}" for k, v in split["projected_ratio"].items())
+            print(f"\n{row['defense']}: refresh steps {split['refresh_ratio']:.2f}x {ref} ({split['n_refresh']}), "
+                  f"reuse steps {split['reuse_ratio']:.2f}x ({split['n_reuse']}); a refresh every k steps "
+                  f"costs (refresh + (k-1) reuse) / k: {projected}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "device": device,
