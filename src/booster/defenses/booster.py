@@ -25,7 +25,10 @@ peak is one buffer above SFT's. The recovered gradient is exact up to the roundi
 
 Amortised Booster (``booster.every = k > 1``, not in the paper): R is computed every k steps
 and reused in between from the same buffer, so the mean cost is (k + 2)/k passes per step and
-the extra memory stays one copy of the trainable weights.
+the extra memory stays one copy of the trainable weights. R goes stale as w moves: on the CPU
+protocol (docs/results.md, section 6) k <= 8 kept exact Booster's attenuation of the attack's
+harmful-loss drop, while at k = 32 the stale R drove the harmful loss up during alignment and
+the attack walked it straight back down.
 """
 
 from __future__ import annotations
