@@ -246,6 +246,18 @@ def test_durability_table_reads_steps_to_a_harmful_score_of_50():
     assert table["booster"]["steps to HS≥50"] == "> 200", "never reached: say so, do not extrapolate"
 
 
+def test_curve_plots_give_one_colour_per_defence():
+    from booster.report import line_styles
+
+    names = ["sft p=0.2 seed=0", "booster p=0.0 seed=0", "sft p=0.0 seed=0", "booster p=0.2 seed=0", "none p=0.2 seed=0"]
+    styles = line_styles(names)
+    assert list(styles) == sorted(names), "legend in a stable order, not the order runs finished"
+    colour = {n: c for n, (c, _) in styles.items()}
+    assert colour["sft p=0.2 seed=0"] == colour["sft p=0.0 seed=0"] != colour["booster p=0.0 seed=0"]
+    assert len({colour[n] for n in names}) == 3
+    assert styles["sft p=0.0 seed=0"][1] != styles["sft p=0.2 seed=0"][1], "same defence: told apart by style"
+
+
 def test_answers_side_by_side(tiny_run):
     """answers.md puts every evaluated model's answer to the same harmful prompts next to each other."""
     cfg, out, rows = tiny_run
