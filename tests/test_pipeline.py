@@ -244,6 +244,9 @@ def test_durability_table_reads_steps_to_a_harmful_score_of_50():
     table = {r["defense"]: r for r in durability_table(rows)}
     assert table["sft"]["HS after 100"] == "52.5" and table["sft"]["steps to HS≥50"] == "100"
     assert table["booster"]["steps to HS≥50"] == "> 200", "never reached: say so, do not extrapolate"
+    by_epochs = [{**r, "attack.optim.steps": None} for r in rows]
+    assert durability_table(by_epochs) == [], "steps fixed by epochs (null): no curve, no table"
+    assert durability_table([r for r in rows if r["attack.optim.steps"] == 100]) == [], "one length is no curve"
 
 
 def test_curve_plots_give_one_colour_per_defence():

@@ -5,8 +5,8 @@ Two tables come out of a run: every evaluated model with its labels, averaged ov
 controls side by side: the unaligned model, the aligned model before the attack, the attack
 on benign data only (p = 0) and the attack at each p > 0 (controls.md). A harmful score
 means something only next to those controls. Beside them: answers.md (the same harmful prompts
-answered by every model, with the judge's verdict), a durability table when the grid varies
-the attack's steps, and plots of the scores against each swept setting.
+answered by every model, with the judge's verdict), a durability table when the grid runs
+the attack at two step counts or more, and plots of the scores against each swept setting.
 """
 
 from __future__ import annotations
@@ -154,9 +154,10 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[
         controls = controls_table(rows, chains)
         parts.append("## Each setting with its controls\n\n" + markdown_table(controls))
         write_csv(root / "controls.csv", controls)
-    if "attack.optim.steps" in varied:
+    durability = durability_table(rows) if "attack.optim.steps" in varied else []
+    if durability:
         parts.append(f"## Durability: attack steps to a harmful score of {DURABLE_AT:g}\n\n"
-                     + markdown_table(durability_table(rows)))
+                     + markdown_table(durability))
     parts.append("## Every evaluated model\n\n" + markdown_table(summarise(rows, extra)))
     plots = plot_scores_against(root, rows, varied)
     if plots:
@@ -208,17 +209,19 @@ def plot_scores_against(root: Path, rows: list[dict[str, Any]], varied: list[str
 
 def durability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per attacked setting but its step count: the harmful score after each number of
-    attack steps (mean over seeds) and the fewest steps that reach DURABLE_AT ('> max' if none)."""
+    attack steps (mean over seeds) and the fewest steps that reach DURABLE_AT ('> max' if none).
+    Empty unless some setting ran at two step counts or more: a grid that fixes the length by
+    epochs (steps null) has no curve to read."""
     settings: dict[tuple, dict[str, Any]] = {}
     for row in rows:
-        if row.get("stage") != "attacked" or "attack.optim.steps" not in row:
+        if row.get("stage") != "attacked" or not isinstance(row.get("attack.optim.steps"), (int, float)):
             continue
         kept = {k: _label(v) for k, v in row.items() if k in (*LABELS, "attack.optim.lr", "attack.mix")
                 or (k.startswith(("attack.", "align.", "data.", "model.")) and k != "attack.optim.steps")}
         entry = settings.setdefault(tuple(sorted(kept.items(), key=str)), {"labels": kept, "hs": {}})
         entry["hs"].setdefault(row["attack.optim.steps"], []).append(row["harmful_score"])
     out = []
-    for entry in settings.values():
+    for entry in (e for e in settings.values() if len(e["hs"]) >= 2):
         means = {steps: _mean(v) for steps, v in sorted(entry["hs"].items())}
         reached = [steps for steps, hs in means.items() if hs >= DURABLE_AT]
         row = dict(entry["labels"])
