@@ -255,10 +255,12 @@ def test_curve_plots_give_one_colour_per_defence():
     names = ["sft p=0.2 seed=0", "booster p=0.0 seed=0", "sft p=0.0 seed=0", "booster p=0.2 seed=0", "none p=0.2 seed=0"]
     styles = line_styles(names)
     assert list(styles) == sorted(names), "legend in a stable order, not the order runs finished"
-    colour = {n: c for n, (c, _) in styles.items()}
+    colour = {n: c for n, (c, _, _) in styles.items()}
     assert colour["sft p=0.2 seed=0"] == colour["sft p=0.0 seed=0"] != colour["booster p=0.0 seed=0"]
     assert len({colour[n] for n in names}) == 3
     assert styles["sft p=0.0 seed=0"][1] != styles["sft p=0.2 seed=0"][1], "same defence: told apart by style"
+    six = line_styles([f"booster lam={i}" for i in range(6)])
+    assert len({look[1:] for look in six.values()}) == 6, "more lines than styles: markers keep them apart"
 
 
 def test_answers_side_by_side(tiny_run):
@@ -286,3 +288,15 @@ def test_empty_rate_counts_silent_answers_and_reaches_old_runs(tiny_run, tmp_pat
     assert main(["report", str(out)]) == 0
     back = read_jsonl(out / "results.jsonl")
     assert all(r["empty_rate"] == empty_rate(out / r["eval_dir"]) for r in back)
+
+
+def test_curves_of_one_defence_and_p_keep_apart_by_their_settings():
+    from booster.pipeline import distinct_names
+
+    names = ["booster p=0.2 seed=0"] * 3 + ["sft p=0.2 seed=0"]
+    settings = [{"attack.p": 0.2, "align.booster.lam": 1.0}, {"attack.p": 0.2},
+                {"attack.p": 0.2, "align.booster.lam": 25.0}, {"attack.p": 0.2}]
+    out = distinct_names(names, settings)
+    assert out == ["booster p=0.2 seed=0 lam=1.0", "booster p=0.2 seed=0 lam=default",
+                   "booster p=0.2 seed=0 lam=25.0", "sft p=0.2 seed=0"], "a λ sweep's curves must not overwrite"
+    assert len(set(out)) == len(out)

@@ -557,6 +557,26 @@ def _defense_of(root: Path, key: str) -> str:
     return read_json(cfg_path)["align"]["defense"] if cfg_path.is_file() else key
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def distinct_names(names: list[str], settings: list[dict[str, Any]]) -> list[str]:
+    """Each curve's name, plus the settings that tell apart curves of the same name (a λ or n
+    sweep: stage configs keep only non-default values, so an absent key reads 'default').
+    Without this, curves of one defence and p overwrite each other in a plot."""
+    out = []
+    for name, own in zip(names, settings):
+        peers = [s for n, s in zip(names, settings) if n == name]
+        keys = sorted({k for s in peers for k in s if len({repr(p.get(k)) for p in peers}) > 1})
+        extra = [f"{k.split('.')[-1]}={own[k] if k in own else 'default'}" for k in keys]
+        out.append(" ".join([name, *extra]))
+    return out
+
+
 def finished_probe_logs(root: Path, kind: str):
     """(stage config with its directory name under 'stage', probe rows) of every finished
     stage of this kind in the run directory that logged probes."""
@@ -570,13 +590,20 @@ def plot_attack_curves(root: Path) -> str:
     """Harmful loss on the held-out pairs over the attack, absolute and relative to its start
     (the paper's Figure 3), one line per finished attack in the run directory."""
     series, relative = {}, {}
-    for cfg, rows in finished_probe_logs(root, "attack"):
+    logs = list(finished_probe_logs(root, "attack"))
+    names, settings = [], []
+    for cfg, _ in logs:
         up = cfg["upstream"]
         att = cfg["attack"]
         name = _defense_of(root, up) if up.startswith("align") else "none"
         name += f"+{att['defense']}" if "defense" in att else ""
         name += f" p={att.get('p')}" + (f" lr={att['optim']['lr']:g}" if "lr" in att.get("optim", {}) else "")
-        name += f" seed={cfg['seed']}"
+        names.append(name + f" seed={cfg['seed']}")
+        upstream = root / "stages" / up / "config.json"
+        upcfg = read_json(upstream) if upstream.is_file() else {}
+        settings.append({**_flat(att, "attack."), **_flat(upcfg.get("align", {}), "align."),
+                         **_flat(upcfg.get("data", {}), "data.")})
+    for name, (_, rows) in zip(distinct_names(names, settings), logs):
         xs, ys = [r["step"] for r in rows], [r["harmful_loss"] for r in rows]
         series[name] = (xs, ys)
         relative[name] = (xs, [y - ys[0] for y in ys])
@@ -595,8 +622,11 @@ def plot_alignment_curves(root: Path) -> str:
     the alignment steps, one line per finished alignment: the rebuttal's question whether
     SFT's harmful loss rises while Booster's barely moves."""
     harmful, align = {}, {}
-    for cfg, rows in finished_probe_logs(root, "align"):
-        name = f"{cfg['align']['defense']} seed={cfg['seed']} {cfg['stage'][-6:]}"
+    logs = list(finished_probe_logs(root, "align"))
+    names = distinct_names([f"{cfg['align']['defense']} seed={cfg['seed']}" for cfg, _ in logs],
+                           [{**_flat(cfg["align"], "align."), **_flat(cfg.get("data", {}), "data.")}
+                            for cfg, _ in logs])
+    for name, (cfg, rows) in zip(names, logs):
         xs = [r["step"] for r in rows]
         harmful[name] = (xs, [r["harmful_loss"] for r in rows])
         align[name] = (xs, [r["align_loss"] for r in rows])

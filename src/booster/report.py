@@ -280,19 +280,21 @@ def answers_side_by_side(root: Path, rows: list[dict[str, Any]], judge: dict[str
     return "\n".join(lines)
 
 
-def line_styles(names: list[str]) -> dict[str, tuple[str, str]]:
-    """(colour, line style) per series, in sorted order: names that share their first word (the
-    defence, in the run plots) share a colour and differ by style, so that the eye groups lines
-    by defence rather than by the order the runs finished in."""
-    styles = ("-", "--", ":", "-.")
+def line_styles(names: list[str]) -> dict[str, tuple[str, str, str]]:
+    """(colour, line style, marker) per series, in sorted order: names that share their first
+    word (the defence, in the run plots) share a colour and differ by style, then by marker
+    once the styles run out, so that the eye groups lines by defence rather than by the order
+    the runs finished in, and no two lines of one defence look alike."""
+    styles, markers = ("-", "--", ":", "-."), ("o", "s", "^", "x", "D")
     colours: dict[str, str] = {}
     seen: dict[str, int] = {}
     out = {}
     for name in sorted(names):
         head = name.split(" ", 1)[0]
         colours.setdefault(head, f"C{len(colours) % 10}")
-        out[name] = (colours[head], styles[seen.get(head, 0) % len(styles)])
-        seen[head] = seen.get(head, 0) + 1
+        i = seen.get(head, 0)
+        out[name] = (colours[head], styles[i % len(styles)], markers[i // len(styles) % len(markers)])
+        seen[head] = i + 1
     return out
 
 
@@ -305,9 +307,9 @@ def plot_series(series: dict[str, tuple[list[float], list[float]]], path: Path, 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    for name, (color, style) in line_styles(list(series)).items():
+    for name, (color, style, marker) in line_styles(list(series)).items():
         xs, ys = series[name]
-        ax.plot(xs, ys, label=name, color=color, linestyle=style, marker="o" if len(xs) < 30 else None,
+        ax.plot(xs, ys, label=name, color=color, linestyle=style, marker=marker if len(xs) < 30 else None,
                 markersize=3)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
