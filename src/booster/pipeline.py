@@ -552,11 +552,6 @@ class Pipeline:
             plot_attack_curves(self.root) + plot_alignment_curves(self.root)
 
 
-def _defense_of(root: Path, key: str) -> str:
-    cfg_path = root / "stages" / key / "config.json"
-    return read_json(cfg_path)["align"]["defense"] if cfg_path.is_file() else key
-
-
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -595,12 +590,12 @@ def plot_attack_curves(root: Path) -> str:
     for cfg, _ in logs:
         up = cfg["upstream"]
         att = cfg["attack"]
-        name = _defense_of(root, up) if up.startswith("align") else "none"
+        upstream = root / "stages" / up / "config.json"
+        upcfg = read_json(upstream) if upstream.is_file() else {}
+        name = (upcfg["align"]["defense"] if upcfg else up) if up.startswith("align") else "none"
         name += f"+{att['defense']}" if "defense" in att else ""
         name += f" p={att.get('p')}" + (f" lr={att['optim']['lr']:g}" if "lr" in att.get("optim", {}) else "")
         names.append(name + f" seed={cfg['seed']}")
-        upstream = root / "stages" / up / "config.json"
-        upcfg = read_json(upstream) if upstream.is_file() else {}
         settings.append({**_flat(att, "attack."), **_flat(upcfg.get("align", {}), "align."),
                          **_flat(upcfg.get("data", {}), "data.")})
     for name, (_, rows) in zip(distinct_names(names, settings), logs):
