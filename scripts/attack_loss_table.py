@@ -51,6 +51,9 @@ def main() -> None:
             groups.setdefault(key, {})[(cfg["seed"], cfg["stage"])] = (rows[0]["harmful_loss"], rows[-1]["harmful_loss"])
     # show only the settings that tell rows apart (those every row shares say nothing)
     common = set.intersection(*(set(k[4]) for k in groups)) if groups else set()
+    # stage configs keep only non-default values, so a key some rows set and others lack is
+    # at its default in those others; name it rather than leave the row blank
+    varied = sorted({k for key in groups for k, v in key[4] if (k, v) not in common})
     print("| defence | benign in alignment | attack lr | p | other settings | seeds | harmful loss at start | at end "
           "| change |\n|---|---|---|---|---|---|---|---|---|")
     for (name, benign, lr, p, other), runs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
@@ -63,7 +66,8 @@ def main() -> None:
 
         def f(xs):
             return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
-        shown = ", ".join(f"{k}={v}" for k, v in other if (k, v) not in common) or "–"
+        own = dict(other)
+        shown = ", ".join(f"{k}={own.get(k, 'default')}" for k in varied) or "–"
         print(f"| {name} | {benign} | {lr} | {p} | {shown} | {len(by_seed)} | {f(starts)} | {f(ends)} | {f(deltas)} |")
 
 

@@ -49,3 +49,14 @@ def test_booster_steps_on_smollm2(smol, tmp_path):
     answer = generate(model, tok, ["Say hello."], fmt="chat", max_new_tokens=8, batch_size=1)[0]
     assert isinstance(answer, str) and answer
     assert torch.isfinite(torch.tensor([r["loss"] for r in result.log])).all()
+
+
+@pytest.mark.parametrize("name", ["exp-tasks", "exp-samples", "paper-smollm2"])
+def test_packaged_cpu_configs_fit_the_offline_data(name, data_dir):
+    # the configs whose points ask the most of the data (every task, n up to 400 or 1000): a
+    # point the offline pools cannot serve must fail here, not hours into a sweep
+    from booster.config import expand_grid
+    from booster.pipeline import Pipeline
+
+    cfg = load_config(name, [f"data.dir={data_dir}"])
+    Pipeline(cfg).preflight(expand_grid(cfg))
