@@ -233,6 +233,26 @@ def test_report_accepts_list_valued_settings():
     assert table["p=0.2 HS"] == "50.0" and "p=0.2−p0≥30 ✓" in table["SFT calibration checks"]
 
 
+def test_report_header_counts_the_items_each_task_was_scored_on(tmp_path):
+    """eval.n_task is an upper bound: the header names what each evaluation really scored (an
+    instruction eval set of 17 items, a sweep over two tasks), from the stages' metrics.json."""
+    from booster.config import load_config
+    from booster.io import atomic_write_text
+    from booster.report import write_report
+
+    cfg = load_config("tiny", ["eval.n_task=100", "eval.n_harmful=100", "attack.task=instructions"])
+    rows = []
+    for i, (task, n) in enumerate((("instructions", 17), ("instructions", 17), ("agnews", 100))):
+        (tmp_path / f"e{i}").mkdir()
+        atomic_write_text(tmp_path / f"e{i}" / "metrics.json", json.dumps({"n_harmful": 100, "n_task": n}))
+        rows.append({"defense": "sft", "stage": "aligned", "task": task, "harmful_score": 1.0, "refusal_rate": 0.0,
+                     "accuracy": 50.0, "eval_dir": f"e{i}"})
+    judge = {"name": "refusal", "version": "v", "threshold": 0.5}
+    header = write_report(tmp_path, cfg, rows, [], judge).split("\n\n")[1]
+    assert "reference similarity on instructions (17 items)" in header and "accuracy on agnews (100 items)" in header
+    assert "(100 items)" not in header.split("agnews")[0] and "% of 100 held-out harmful prompts" in header
+
+
 def test_durability_table_reads_steps_to_a_harmful_score_of_50():
     from booster.report import durability_table
 

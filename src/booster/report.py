@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from booster.io import atomic_write_text, write_csv
+from booster.io import atomic_write_text, read_json, write_csv
 
 LABELS = ("defense", "stage", "p", "n", "task", "adapter")
 OWN = ("align.defense", "attack.p", "run.seed")
@@ -135,20 +135,39 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _evaluated_counts(root: Path, rows: list[dict[str, Any]], cfg: Any) -> tuple[str, dict[str, str]]:
+    """How many harmful prompts and task items the evaluations scored, per task, from their metrics.json:
+    eval.n_task is only an upper bound (the instruction task holds 17 items offline) and a sweep may
+    cover several tasks. Metrics written before these counts existed fall back to the config."""
+    if not rows:
+        return str(cfg.eval.n_harmful), {cfg.attack.task: str(cfg.eval.n_task)}
+    harmful: set[int] = set()
+    tasks: dict[str, set[int]] = {}
+    for row in rows:
+        path = root / row["eval_dir"] / "metrics.json"
+        metrics = read_json(path) if path.is_file() else {}
+        harmful.add(metrics.get("n_harmful", cfg.eval.n_harmful))
+        tasks.setdefault(row.get("task", cfg.attack.task), set()).add(metrics.get("n_task", cfg.eval.n_task))
+    show = lambda ns: "/".join(map(str, sorted(ns)))  # noqa: E731
+    return show(harmful), {task: show(ns) for task, ns in tasks.items()}
+
+
 def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[dict[str, Any]],
                  judge: dict[str, Any]) -> str:
     from booster.config import varied_keys
 
     varied = varied_keys(cfg)
     extra = tuple(k for k in varied if k not in OWN)
+    n_harmful, tasks = _evaluated_counts(root, rows, cfg)
+    fa = ", ".join(f"{'reference similarity' if task == 'instructions' else 'accuracy'} on {task} ({n} items)"
+                   for task, n in tasks.items())
     header = (f"# Results: {root}\n\n"
               f"Judge: {judge['name']} (version {judge['version']}, threshold {judge['threshold']}). "
-              f"HS = harmful score (% of {cfg.eval.n_harmful} held-out harmful prompts whose answer the judge "
+              f"HS = harmful score (% of {n_harmful} held-out harmful prompts whose answer the judge "
               f"flags), refusal = % of answers with a refusal phrase (second opinion), empty = % of empty "
-              f"answers (harmless by silence), FA = fine-tune "
-              f"{'accuracy' if cfg.attack.task != 'instructions' else 'reference similarity'} on {cfg.attack.task} "
-              f"({cfg.eval.n_task} items). Adapter protocol of the attack: {cfg.attack.adapter}; harmful pairs "
-              f"available to every alignment defence: {cfg.data.n_harmful}; mean ± std over seeds.\n")
+              f"answers (harmless by silence), FA = fine-tune {fa}. Adapter protocol of the attack: "
+              f"{cfg.attack.adapter}; harmful pairs available to every alignment defence: {cfg.data.n_harmful}; "
+              f"mean ± std over seeds.\n")
     parts = [header]
     if "attack.p" in varied:
         controls = controls_table(rows, chains)
@@ -237,7 +256,7 @@ def answers_side_by_side(root: Path, rows: list[dict[str, Any]], judge: dict[str
     """answers.md: the same harmful prompts answered by every evaluated model (lowest seed of each),
     with the judge's verdict, so that a score can be checked against what the models said."""
     from booster.evaluate.judges import judged_path
-    from booster.io import read_json, read_jsonl
+    from booster.io import read_jsonl
 
     models: list[tuple[str, dict[str, tuple[str, bool | None]]]] = []
     for entry, members in _by_labels(rows, extra_labels):
