@@ -253,6 +253,13 @@ def test_report_header_counts_the_items_each_task_was_scored_on(tmp_path):
     assert "(100 items)" not in header.split("agnews")[0] and "% of 100 held-out harmful prompts" in header
 
 
+def test_settings_swept_over_decades_plot_on_a_log_axis():
+    from booster.report import log_axis
+
+    assert log_axis([0.01, 0.1, 1.0]) and log_axis([1.0, 5.0, 25.0]) and log_axis([1e-5, 1e-3])
+    assert not log_axis([0.0, 0.05, 0.2]) and not log_axis([100, 200, 400]) and not log_axis([])
+
+
 def test_durability_table_reads_steps_to_a_harmful_score_of_50():
     from booster.report import durability_table
 

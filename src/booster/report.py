@@ -221,7 +221,8 @@ def plot_scores_against(root: Path, rows: list[dict[str, Any]], varied: list[str
                 ys = [_mean([r.get(metric) for r in points[x]]) for x in xs]
                 series[name] = ([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None])
             path = root / f"{short}_vs_{col.split('.')[-1]}.png"
-            plot_series(series, path, title=f"{ylabel} after the attack vs {key}", xlabel=key, ylabel=ylabel)
+            plot_series(series, path, title=f"{ylabel} after the attack vs {key}", xlabel=key, ylabel=ylabel,
+                        logx=log_axis([x for points in groups.values() for x in points]))
             written.append(path.name)
     return written
 
@@ -317,8 +318,14 @@ def line_styles(names: list[str]) -> dict[str, tuple[str, str, str]]:
     return out
 
 
+def log_axis(values: list[float]) -> bool:
+    """Settings swept over decades (α 0.01-1, λ 1-25, lr 1e-5-1e-3) read on a log axis; a linear
+    one squeezes the small values together. Ratios from 0 (p) and short ranges (n) stay linear."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= 20
+
+
 def plot_series(series: dict[str, tuple[list[float], list[float]]], path: Path, *, title: str, xlabel: str,
-                ylabel: str) -> None:
+                ylabel: str, logx: bool = False) -> None:
     """One line per named series of (x, y) points, saved as PNG."""
     import matplotlib
 
@@ -330,6 +337,8 @@ def plot_series(series: dict[str, tuple[list[float], list[float]]], path: Path, 
         xs, ys = series[name]
         ax.plot(xs, ys, label=name, color=color, linestyle=style, marker=marker if len(xs) < 30 else None,
                 markersize=3)
+    if logx:
+        ax.set_xscale("log")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
