@@ -135,6 +135,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+METRIC_NAMES = {"similarity": "reference similarity"}  # a task's `metric` as the report header words it
+
+
 def _evaluated_counts(root: Path, rows: list[dict[str, Any]], cfg: Any) -> tuple[str, dict[str, str]]:
     """How many harmful prompts and task items the evaluations scored, per task, from their metrics.json:
     eval.n_task is only an upper bound (the instruction task holds 17 items offline) and a sweep may
@@ -155,11 +158,12 @@ def _evaluated_counts(root: Path, rows: list[dict[str, Any]], cfg: Any) -> tuple
 def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[dict[str, Any]],
                  judge: dict[str, Any]) -> str:
     from booster.config import varied_keys
+    from booster.data.tasks import get_task
 
     varied = varied_keys(cfg)
     extra = tuple(k for k in varied if k not in OWN)
     n_harmful, tasks = _evaluated_counts(root, rows, cfg)
-    fa = ", ".join(f"{'reference similarity' if task == 'instructions' else 'accuracy'} on {task} ({n} items)"
+    fa = ", ".join(f"{METRIC_NAMES.get(get_task(task).metric, get_task(task).metric)} on {task} ({n} items)"
                    for task, n in tasks.items())
     header = (f"# Results: {root}\n\n"
               f"Judge: {judge['name']} (version {judge['version']}, threshold {judge['threshold']}). "
@@ -213,6 +217,7 @@ def plot_scores_against(root: Path, rows: list[dict[str, Any]], varied: list[str
             groups.setdefault(name, {}).setdefault(r[col], []).append(r)
         if not groups or all(len(points) < 2 for points in groups.values()):
             continue
+        logx = log_axis([x for points in groups.values() for x in points])
         for metric, ylabel, short in (("harmful_score", "harmful score (%)", "hs"),
                                       ("accuracy", "fine-tune accuracy (%)", "fa")):
             series = {}
@@ -222,7 +227,7 @@ def plot_scores_against(root: Path, rows: list[dict[str, Any]], varied: list[str
                 series[name] = ([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None])
             path = root / f"{short}_vs_{col.split('.')[-1]}.png"
             plot_series(series, path, title=f"{ylabel} after the attack vs {key}", xlabel=key, ylabel=ylabel,
-                        logx=log_axis([x for points in groups.values() for x in points]))
+                        logx=logx)
             written.append(path.name)
     return written
 
