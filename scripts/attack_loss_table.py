@@ -12,23 +12,17 @@ import argparse
 import statistics
 from pathlib import Path
 
+from booster.config import flatten
 from booster.io import read_json
 from booster.pipeline import finished_probe_logs
 from pool_runs import parse_labels  # the sibling script (scripts/ is on sys.path when run)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _other_settings(align: dict, attack: dict) -> tuple[tuple[str, str], ...]:
     """The stage settings that are not columns (e.g. booster.every=4, optim.steps=200): rows
     that differ in them are kept apart instead of being pooled as if they were seeds."""
-    rest = {f"align.{k}": v for k, v in _flat(align).items() if k != "defense"}
-    rest.update({f"attack.{k}": v for k, v in _flat(attack).items() if k not in ("p", "optim.lr", "defense")})
+    rest = {f"align.{k}": v for k, v in flatten(align).items() if k != "defense"}
+    rest.update({f"attack.{k}": v for k, v in flatten(attack).items() if k not in ("p", "optim.lr", "defense")})
     return tuple(sorted((k, str(v)) for k, v in rest.items()))
 
 

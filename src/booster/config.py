@@ -475,6 +475,14 @@ def varied_keys(cfg: ExperimentConfig) -> list[str]:
     return list(dict.fromkeys(keys + list(cfg.grid)))
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings dict (a stage's config.json) as dotted keys, the grid's spelling."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def get_dotted(cfg: Any, key: str) -> Any:
     for part in key.split("."):
         cfg = getattr(cfg, part)

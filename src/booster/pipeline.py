@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from booster.attack import poisoned_set
-from booster.config import ExperimentConfig, expand_grid, get_dotted, to_dict, to_yaml, varied_keys
+from booster.config import ExperimentConfig, expand_grid, flatten, get_dotted, to_dict, to_yaml, varied_keys
 from booster.data import safety
 from booster.data.base import DataError, Example, resolve_data_dir
 from booster.data.tasks import get_task
@@ -552,13 +552,6 @@ class Pipeline:
             plot_attack_curves(self.root) + plot_alignment_curves(self.root)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def distinct_names(names: list[str], settings: list[dict[str, Any]]) -> list[str]:
     """Each curve's name, plus the settings that tell apart curves of the same name (a λ or n
     sweep: stage configs keep only non-default values, so an absent key reads 'default').
@@ -596,8 +589,8 @@ def plot_attack_curves(root: Path) -> str:
         name += f"+{att['defense']}" if "defense" in att else ""
         name += f" p={att.get('p')}" + (f" lr={att['optim']['lr']:g}" if "lr" in att.get("optim", {}) else "")
         names.append(name + f" seed={cfg['seed']}")
-        settings.append({**_flat(att, "attack."), **_flat(upcfg.get("align", {}), "align."),
-                         **_flat(upcfg.get("data", {}), "data.")})
+        settings.append({**flatten(att, "attack."), **flatten(upcfg.get("align", {}), "align."),
+                         **flatten(upcfg.get("data", {}), "data.")})
     for name, (_, rows) in zip(distinct_names(names, settings), logs):
         xs, ys = [r["step"] for r in rows], [r["harmful_loss"] for r in rows]
         series[name] = (xs, ys)
@@ -619,7 +612,7 @@ def plot_alignment_curves(root: Path) -> str:
     harmful, align = {}, {}
     logs = list(finished_probe_logs(root, "align"))
     names = distinct_names([f"{cfg['align']['defense']} seed={cfg['seed']}" for cfg, _ in logs],
-                           [{**_flat(cfg["align"], "align."), **_flat(cfg.get("data", {}), "data.")}
+                           [{**flatten(cfg["align"], "align."), **flatten(cfg.get("data", {}), "data.")}
                             for cfg, _ in logs])
     for name, (cfg, rows) in zip(names, logs):
         xs = [r["step"] for r in rows]

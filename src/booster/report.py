@@ -179,7 +179,7 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[
         write_csv(root / "controls.csv", controls)
     durability = durability_table(rows) if "attack.optim.steps" in varied else []
     if durability:
-        parts.append(f"## Durability: attack steps to a harmful score of {DURABLE_AT:g}\n\n"
+        parts.append(f"## Durability: fine-tuning steps to a harmful score of {DURABLE_AT:g}\n\n"
                      + markdown_table(durability))
     parts.append("## Every evaluated model\n\n" + markdown_table(summarise(rows, extra)))
     plots = plot_scores_against(root, rows, varied)
