@@ -26,6 +26,16 @@ def _other_settings(align: dict, attack: dict) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((k, str(v)) for k, v in rest.items()))
 
 
+def _in_order(x):
+    """Sort key that puts numbers, also numbers kept as strings, in numeric order (50 before 100)."""
+    if isinstance(x, (tuple, list)):
+        return tuple(_in_order(v) for v in x)
+    try:
+        return (0, float(x), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(x))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+", type=Path)
@@ -50,7 +60,7 @@ def main() -> None:
     varied = sorted({k for key in groups for k, v in key[4] if (k, v) not in common})
     print("| defence | benign in alignment | attack lr | p | other settings | seeds | harmful loss at start | at end "
           "| change |\n|---|---|---|---|---|---|---|---|---|")
-    for (name, benign, lr, p, other), runs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    for (name, benign, lr, p, other), runs in sorted(groups.items(), key=lambda kv: _in_order(kv[0])):
         by_seed = {seed: v for (seed, _), v in runs.items()}
         if len(by_seed) < len(runs):
             raise SystemExit(f"{name} lr={lr} p={p} ({dict(other)}): several attacks share a seed; "

@@ -36,3 +36,17 @@ def test_attack_loss_table_names_a_default_setting_instead_of_a_blank(tmp_path):
     assert len(rows) == 2
     assert any("align.booster.lam=default" in r and "-0.100" in r for r in rows)
     assert any("align.booster.lam=1.0" in r and "-0.300" in r for r in rows)
+
+
+def test_attack_loss_table_orders_a_numeric_setting_by_value(tmp_path):
+    # attacks of 200, 50 and 100 steps: 50 must come first, not 100 (string order)
+    _stage(tmp_path, "align-a", {"align": {"defense": "sft"}, "data": {"n_benign": 400}})
+    for steps in (200, 50, 100):
+        _stage(tmp_path, f"attack-{steps}", {"upstream": "align-a", "seed": 0,
+                                             "attack": {"p": 0.2, "optim": {"lr": 5e-4, "steps": steps}}},
+               [2.5, 2.5 - steps / 1000])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "attack_loss_table.py"), str(tmp_path)],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| sft")]
+    assert [r.split("attack.optim.steps=")[1].split(" ")[0] for r in rows] == ["50", "100", "200"]
