@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -327,3 +328,69 @@ def test_curves_of_one_defence_and_p_keep_apart_by_their_settings():
     assert out == ["booster p=0.2 seed=0 lam=1.0", "booster p=0.2 seed=0 lam=default",
                    "booster p=0.2 seed=0 lam=25.0", "sft p=0.2 seed=0"], "a λ sweep's curves must not overwrite"
     assert len(set(out)) == len(out)
+
+
+def _attack_stages(root):
+    """{steps: attack stage dir} of a run directory."""
+    stages = {}
+    for d in (root / "stages").glob("attack-*"):
+        stages[json.loads((d / "config.json").read_text())["attack"]["optim"]["steps"]] = d
+    return stages
+
+
+def test_attacks_of_several_lengths_share_one_run(tiny_cfg, tmp_path):
+    # a 1-step and a 3-step attack, constant learning rate: the 1-step stage is a snapshot of
+    # the 3-step run, and equals the 1-step attack run on its own to the bit
+    from safetensors.torch import load_file
+
+    both = tiny_cfg("grid={}", "align.defense=sft", "grid.attack.optim.steps=[1,3]")
+    Pipeline(both).run()
+    shared = _attack_stages(Path(both.run.out_dir))
+    assert json.loads((shared[1] / "DONE.json").read_text())["snapshot_of"] == shared[3].name
+    assert "snapshot_of" not in json.loads((shared[3] / "DONE.json").read_text())
+    assert len(read_jsonl(shared[1] / "train_log.jsonl")) == 1 and len(read_jsonl(shared[3] / "train_log.jsonl")) == 3
+
+    from booster.config import load_config
+
+    alone_root = tmp_path / "alone"
+    alone = load_config("tiny", [f"run.out_dir={alone_root}", f"data.dir={both.data.dir}", "grid={}",
+                                 "align.defense=sft", "attack.optim.steps=1"])
+    Pipeline(alone).run()
+    own = _attack_stages(alone_root)[1]
+    assert own.name == shared[1].name  # the same stage hash: a later sweep reuses either
+    for f in ("train_log.jsonl", "probe_log.jsonl"):
+        strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(own / f)]
+        assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(shared[1] / f)]
+    weights = sorted((own / "model").rglob("*.safetensors"))
+    assert weights
+    for w in weights:
+        a, b = load_file(w), load_file(shared[1] / "model" / w.relative_to(own / "model"))
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_attacks_under_a_decaying_schedule_each_train_on_their_own(tiny_cfg):
+    # with a linear schedule the first step of a 3-step run is not a 1-step run
+    cfg = tiny_cfg("grid={}", "align.defense=sft", "attack.optim.schedule=linear", "grid.attack.optim.steps=[1,3]")
+    Pipeline(cfg).run()
+    stages = _attack_stages(Path(cfg.run.out_dir))
+    assert set(stages) == {1, 3}
+    assert all("snapshot_of" not in json.loads((d / "DONE.json").read_text()) for d in stages.values())
+
+
+def test_stage_hashes_stay_put_and_only_warmed_up_constant_stages_move(data_dir, tmp_path):
+    # the demo's alignments keep the hashes their cached stages and docs/results.md name; an
+    # attack that asks for warmup under the constant schedule (ignored before) gets a new one
+    from booster.config import load_config
+
+    def key(*overrides):
+        cfg = load_config("demo", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}", *overrides])
+        pipe = Pipeline(cfg)
+        payload = pipe._align_payload(cfg)
+        return pipe._stage_dir("align", payload)[0]
+
+    assert key("align.defense=sft") == "align-147eb907f2"
+    assert key("align.defense=booster") == "align-633c0f667f"
+    from booster.pipeline import _warmup_fixed
+
+    assert _warmup_fixed({"attack": {"optim": {"warmup_steps": 5}}}) and not _warmup_fixed(
+        {"attack": {"optim": {"warmup_steps": 5, "schedule": "linear"}}})

@@ -99,3 +99,19 @@ def test_missing_stream_is_named(tmp_path, accelerator):
     with pytest.raises(TrainingError, match=r"needs data stream\(s\) \['harmful'\]"):
         fit(lora_tiny(), make_defense("booster", SimpleNamespace(booster=AlignConfig().booster)),
             {"main": streams()["main"]}, OptimConfig(steps=1), tmp_path, accelerator=accelerator, steps=1)
+
+
+def test_warmup_applies_to_a_constant_schedule(tmp_path, accelerator):
+    # transformers' plain 'constant' schedule ignores num_warmup_steps
+    optim = OptimConfig(lr=1e-2, steps=4, warmup_steps=2, checkpoint_every=10)
+    result = fit(lora_tiny(), make_defense("sft", None), streams(), optim, tmp_path, accelerator=accelerator, steps=4)
+    assert [round(r["lr"], 6) for r in result.log] == [0.005, 0.01, 0.01, 0.01]
+
+
+def test_snapshots_run_after_their_step_and_probe_it(tmp_path, accelerator):
+    seen = []
+    optim = OptimConfig(lr=1e-2, steps=3, checkpoint_every=10)
+    result = fit(lora_tiny(), make_defense("sft", None), streams(), optim, tmp_path, accelerator=accelerator, steps=3,
+                 probes={"p": lambda m: 0.0}, probe_every=2, snapshots={1: seen.append})
+    assert seen == [1]
+    assert [r["step"] for r in result.probes] == [0, 1, 2, 3]

@@ -12,6 +12,7 @@ after each stage, so that every process agrees on which stages are done.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -108,6 +109,15 @@ def _attack_drop(cfg: ExperimentConfig) -> tuple[str, ...]:
     return drop + (("mix",) if cfg.attack.p == 0 else ())  # nothing is mixed in: one stage for every mix
 
 
+def _warmup_fixed(payload: dict[str, Any]) -> dict[str, Any]:
+    """A stage trained with warmup under the constant schedule before warmup took effect there
+    (it was ignored) must not be reused: such stages get a hash of their own. Others keep theirs."""
+    optims = [payload.get(s, {}).get("optim", {}) for s in ("align", "attack")]
+    if any(o.get("warmup_steps") and o.get("schedule", "constant") == "constant" for o in optims):
+        return {"warmup": "applied"}
+    return {}
+
+
 def _payloads(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """The stage-deciding settings of each section (the judge does not decide generations)."""
     align_drop = _defense_sections(cfg.align, cfg.align.defense, ("booster", "vaccine", "repnoise")) + ("eval_every",)
@@ -128,6 +138,8 @@ class Pipeline:
         self._cache: dict[Any, Any] = {}
         self.rows: list[dict[str, Any]] = []
         self.chains: list[dict[str, Any]] = []
+        self.points: list[ExperimentConfig] = []
+        """The grid being run: attacks that differ only in length share one training run."""
 
     # ---------------------------------------------------------------- shared resources
     @cached_property
@@ -223,10 +235,10 @@ class Pipeline:
                 for name in ("main", *defense.streams) if name in sources}
 
     def _stage_dir(self, kind: str, payload: dict[str, Any]) -> tuple[str, Path]:
-        key = f"{kind}-{stable_hash({'v': STAGE_VERSION, **payload})}"
+        key = f"{kind}-{stable_hash({'v': STAGE_VERSION, **payload, **_warmup_fixed(payload)})}"
         return key, self.root / "stages" / key
 
-    def _begin(self, d: Path, payload: dict[str, Any], cfg: ExperimentConfig) -> float:
+    def _describe(self, d: Path, payload: dict[str, Any], cfg: ExperimentConfig) -> None:
         d.mkdir(parents=True, exist_ok=True)
         if self.main:
             atomic_write_json(d / "config.json", payload)
@@ -234,6 +246,9 @@ class Pipeline:
                                                 "data_dir": str(self.data_dir), "data_sha256": self.data_hashes,
                                                 "processes": self.accelerator.num_processes,
                                                 "distributed": str(self.accelerator.distributed_type)})
+
+    def _begin(self, d: Path, payload: dict[str, Any], cfg: ExperimentConfig) -> float:
+        self._describe(d, payload, cfg)
         torch.manual_seed(cfg.run.seed)
         from accelerate.utils import set_seed
 
@@ -273,11 +288,15 @@ class Pipeline:
     def base(self, cfg: ExperimentConfig) -> StageResult:
         return StageResult(key=f"base-{stable_hash(_section(cfg.model))}", recipe=ModelRecipe())
 
+    @staticmethod
+    def _align_payload(cfg: ExperimentConfig) -> dict[str, Any]:
+        pl = _payloads(cfg)
+        return {"model": pl["model"], "data": pl["data"], "align": pl["align"], "seed": cfg.run.seed}
+
     def align(self, cfg: ExperimentConfig) -> StageResult:
         if cfg.align.defense == "none":
             return self.base(cfg)
-        pl = _payloads(cfg)
-        payload = {"model": pl["model"], "data": pl["data"], "align": pl["align"], "seed": cfg.run.seed}
+        payload = self._align_payload(cfg)
         key, d = self._stage_dir("align", payload)
         full = cfg.model.finetune == "full"
         recipe = ModelRecipe(weights=self._rel(d / "model") if full else None,
@@ -306,22 +325,75 @@ class Pipeline:
         self.accelerator.wait_for_everyone()
         return StageResult(key, recipe, d)
 
-    def attack(self, cfg: ExperimentConfig, upstream: StageResult) -> StageResult:
+    @staticmethod
+    def _attack_payload(cfg: ExperimentConfig, upstream: StageResult) -> dict[str, Any]:
         pl = _payloads(cfg)
-        payload = {"upstream": upstream.key, "model": pl["model"], "data": pl["data"], "attack": pl["attack"],
-                   "seed": cfg.run.seed}
+        return {"upstream": upstream.key, "model": pl["model"], "data": pl["data"], "attack": pl["attack"],
+                "seed": cfg.run.seed}
+
+    def _attack_recipe(self, cfg: ExperimentConfig, upstream: StageResult, d: Path) -> tuple[str, ModelRecipe]:
+        up = upstream.recipe
+        if cfg.model.finetune == "full":
+            return "full", ModelRecipe(weights=self._rel(d / "model"))
+        if cfg.attack.adapter == "single" and up.adapter:
+            return "continue", ModelRecipe(up.weights, list(up.merged), self._rel(d / "model"))
+        merged = list(up.merged) + ([up.adapter] if up.adapter else [])
+        return "new_lora", ModelRecipe(up.weights, merged, self._rel(d / "model"))
+
+    def _same_attack_other_length(self, cfg: ExperimentConfig) -> list[ExperimentConfig]:
+        """Grid points whose attack is this one run for another number of steps. Under a constant
+        learning rate the shorter ones are, to the bit, the first steps of the longest (the data
+        stream is fixed by the seed), so one run of the longest gives them all. Attack-time
+        defences are left out: Lisa's schedule depends on the total length."""
+        if cfg.attack.optim.schedule != "constant" or cfg.attack.defense != "sft" or cfg.attack.optim.steps is None:
+            return []
+
+        def without_length(c: ExperimentConfig) -> str:
+            attack = copy.deepcopy(_payloads(c)["attack"])
+            attack.get("optim", {}).pop("steps", None)
+            return stable_hash({"align": self._align_payload(c), "attack": attack})
+
+        mine = without_length(cfg)
+        return [c for c in self.points if c.attack.enabled and c.attack.optim.steps is not None
+                and c.attack.optim.steps != cfg.attack.optim.steps and c.attack.defense == "sft"
+                and c.attack.optim.schedule == "constant" and without_length(c) == mine]
+
+    def _snapshot(self, cfg: ExperimentConfig, upstream: StageResult, long_dir: Path, started: float,
+                  model: Any, step: int) -> None:
+        """Write the stage of the ``step``-step attack ``cfg`` from the longer run at that step,
+        as that attack run on its own would have written it (every process calls this)."""
+        payload = self._attack_payload(cfg, upstream)
+        _, d = self._stage_dir("attack", payload)
+        mode, recipe = self._attack_recipe(cfg, upstream, d)
+        self._describe(d, payload, cfg)
+        if self.main:
+            shutil.copy2(long_dir / "train_set.csv", d / "train_set.csv")
+            for name, last in (("train_log", step - 1), ("probe_log", step)):  # train rows count from 0
+                rewrite_jsonl(d / f"{name}.jsonl", [r for r in read_jsonl(long_dir / f"{name}.jsonl")
+                                                    if r["step"] <= last])
+        self._save_model(model, d, cfg.model.finetune == "full")
+        if self.main:
+            recipe.save(d / "recipe.json")
+        self._write_logs(d, f"attack p={cfg.attack.p} on {upstream.key}")
+        self._finish(d, started, steps=step, protocol=mode, snapshot_of=long_dir.name)
+        self.accelerator.wait_for_everyone()
+
+    def attack(self, cfg: ExperimentConfig, upstream: StageResult) -> StageResult:
+        payload = self._attack_payload(cfg, upstream)
         key, d = self._stage_dir("attack", payload)
         full = cfg.model.finetune == "full"
         up = upstream.recipe
-        if full:
-            mode, recipe = "full", ModelRecipe(weights=self._rel(d / "model"))
-        elif cfg.attack.adapter == "single" and up.adapter:
-            mode, recipe = "continue", ModelRecipe(up.weights, list(up.merged), self._rel(d / "model"))
-        else:
-            merged = list(up.merged) + ([up.adapter] if up.adapter else [])
-            mode, recipe = "new_lora", ModelRecipe(up.weights, merged, self._rel(d / "model"))
+        mode, recipe = self._attack_recipe(cfg, upstream, d)
         if self._done(d):
             return StageResult(key, recipe, d)
+        others = self._same_attack_other_length(cfg)
+        longest = max(others, key=lambda c: c.attack.optim.steps, default=None)
+        if longest is not None and longest.attack.optim.steps > cfg.attack.optim.steps:
+            log.info("attack of %d steps: taken from the %d-step run of the same attack",
+                     cfg.attack.optim.steps, longest.attack.optim.steps)
+            self.attack(longest, upstream)
+            if self._done(d):  # else the longer run resumed past this length: train it on its own
+                return StageResult(key, recipe, d)
         started = self._begin(d, payload, cfg)
         log.info("attack p=%s on %s -> %s", cfg.attack.p, upstream.key, d)
         with self.accelerator.main_process_first():  # downloads and caches: once, by the main process
@@ -337,8 +409,13 @@ class Pipeline:
         streams = self._streams(cfg, defense, train_set, cfg.attack.optim.batch_size, "attack")
         probes = {"harmful_loss": loss_probe(self.encode(cfg, data.probe), tok.pad_token_id)}
         steps = total_steps(cfg.attack.optim, len(train_set))
+        snapshots = {}
+        for c in others:
+            c_dir = self._stage_dir("attack", self._attack_payload(c, upstream))[1]
+            if c.attack.optim.steps < steps and not self._done(c_dir):
+                snapshots[c.attack.optim.steps] = (lambda s, c=c: self._snapshot(c, upstream, d, started, model, s))
         fit(model, defense, streams, cfg.attack.optim, d, accelerator=self.accelerator, steps=steps,
-            desc=f"attack p={cfg.attack.p}", probes=probes, probe_every=cfg.attack.probe_every)
+            desc=f"attack p={cfg.attack.p}", probes=probes, probe_every=cfg.attack.probe_every, snapshots=snapshots)
         self._save_model(model, d, full)
         if self.main:
             recipe.save(d / "recipe.json")
@@ -489,6 +566,7 @@ class Pipeline:
     def run(self, until: str = "evaluate") -> list[dict[str, Any]]:
         """Every grid point: (controls) -> align -> attack -> evaluate, up to stage ``until``."""
         points = expand_grid(self.cfg)
+        self.points = points
         self.preflight(points)
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_launch(points)

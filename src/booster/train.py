@@ -190,8 +190,11 @@ def train_step(ctx: StepContext, defense: Defense, batches: dict[str, list[Batch
 
 def fit(model: Any, defense: Defense, streams: dict[str, Stream], optim: OptimConfig, out_dir: Path, *,
         accelerator: Any, steps: int, desc: str = "train",
-        probes: dict[str, Callable[[Any], float]] | None = None, probe_every: int = 0) -> FitResult:
-    """Train ``model`` for ``steps`` optimizer steps with ``defense``; resumable from ``out_dir``."""
+        probes: dict[str, Callable[[Any], float]] | None = None, probe_every: int = 0,
+        snapshots: dict[int, Callable[[int], None]] | None = None) -> FitResult:
+    """Train ``model`` for ``steps`` optimizer steps with ``defense``; resumable from ``out_dir``.
+    ``snapshots[s](s)`` runs after step s (probed there too) and before its checkpoint, so a run
+    resumed past s does not call it again."""
     from transformers import get_scheduler
 
     check_supported(accelerator, defense.name, defense.passes, optim.grad_accum)
@@ -213,8 +216,10 @@ def fit(model: Any, defense: Defense, streams: dict[str, Stream], optim: OptimCo
         if [n for n, _ in named] != names:
             raise TrainingError("FSDP renamed the trainable parameters; checkpoints would not match them")
     params = [p for _, p in named]
-    scheduler = get_scheduler(optim.schedule, optimizer, num_warmup_steps=optim.warmup_steps,
-                              num_training_steps=steps)
+    # transformers' 'constant' ignores warmup; its warmed-up twin is what optim.warmup_steps asks for
+    schedule = "constant_with_warmup" if optim.schedule == "constant" and optim.warmup_steps else optim.schedule
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=steps)
+    snapshots = snapshots or {}
     ctx = StepContext(model=model, params=params, loss=causal_lm_loss(model), accelerator=accelerator,
                       total_steps=steps)
     try:
@@ -259,8 +264,10 @@ def fit(model: Any, defense: Defense, streams: dict[str, Stream], optim: OptimCo
             append_jsonl(log_path, [row])
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if "loss" in k})
         done = step + 1
-        if probe_every and (done % probe_every == 0 or done == steps):
+        if probe_every and (done % probe_every == 0 or done == steps or done in snapshots):
             run_probes(done)
+        if done in snapshots:
+            snapshots[done](done)
         if done % optim.checkpoint_every == 0 or done == steps:
             _save_checkpoint(ckpt, done, named, optimizer, defense, write=main)
     accelerator.wait_for_everyone()
