@@ -6,7 +6,7 @@ attack run on its own: same stage hash, same weights, same train and probe logs.
 Runs exp-durability's SFT arm at lr 1e-3, p=0.2 (align once, up to the attack stage): first the
 short attack alone, then, in a second run directory holding a copy of the same aligned stage,
 the short and the long attack as one grid (the short one a snapshot of the long one). Prints
-max |difference| per weight tensor and whether the logs match; exits 1 on any difference.
+the largest |difference| over all weight tensors and whether the logs match; exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def compare(a: Path, b: Path) -> bool:
     print(f"{len(wa)} weight tensors, max |difference| {worst:g}")
     same &= worst == 0.0
     for name in ("train_log", "probe_log"):
-        ra, rb = read_jsonl(a / f"{name}.jsonl"), read_jsonl(b / f"{name}.jsonl")
-        drop = {"time", "elapsed", "seconds"}  # wall-clock columns differ between any two runs
-        ra, rb = ([{k: v for k, v in r.items() if k not in drop} for r in rows] for rows in (ra, rb))
+        # train_log's "seconds" is wall-clock time: it differs between any two runs
+        ra, rb = ([{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(d / f"{name}.jsonl")]
+                  for d in (a, b))
         print(f"{name}: {len(ra)} vs {len(rb)} rows, {'equal' if ra == rb else 'DIFFERENT'}")
         same &= ra == rb
     same &= (a / "train_set.csv").read_bytes() == (b / "train_set.csv").read_bytes()

@@ -353,10 +353,9 @@ class Pipeline:
             attack.get("optim", {}).pop("steps", None)
             return stable_hash({"align": self._align_payload(c), "attack": attack})
 
-        mine = without_length(cfg)
-        return [c for c in self.points if c.attack.enabled and c.attack.optim.steps is not None
-                and c.attack.optim.steps != cfg.attack.optim.steps and c.attack.defense == "sft"
-                and c.attack.optim.schedule == "constant" and without_length(c) == mine]
+        mine = without_length(cfg)  # equal hashes: same defence, schedule and all but the length
+        return [c for c in self.points if c.attack.optim.steps not in (None, cfg.attack.optim.steps)
+                and without_length(c) == mine]
 
     def _snapshot(self, cfg: ExperimentConfig, upstream: StageResult, long_dir: Path, started: float,
                   model: Any, step: int) -> None:
