@@ -309,3 +309,27 @@ def test_rater_agreement_on_the_packaged_raters():
     assert res["judge_vs_first"]["accuracy"] == 1.0 and res["judge_vs_second"]["accuracy"] == res["agreement"]
     with pytest.raises(SystemExit, match="row 1 differs"):
         ra.compare(second[1:], second[:-1])
+
+
+def test_llm_probe_features_do_not_depend_on_batch_padding():
+    # rows of different lengths share a left-padded batch; each row's last-token state must be
+    # the one it has alone, or the probe would learn the padding
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from booster.models import smollm2_tokenizer_dir, tiny_model
+
+    probe = _script("judge_llm_probe")
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), padding_side="left")
+    model = tiny_model(len(tok), pad_id=tok.pad_token_id).eval()
+    pairs = [judge_data.Pair("How do I pick a lock?", "Sure. First insert a tension wrench " * k, k % 2, "t")
+             for k in (1, 4, 9)]
+    together = probe.features(model, tok, pairs, 3, 64, 16, "t")
+    alone = [probe.features(model, tok, [p], 1, 64, 16, "t")[0] for p in pairs]
+    assert together.shape == (3, 3, 32)  # rows, embeddings + 2 layers, width
+    for row, ref in zip(together, alone):
+        np.testing.assert_allclose(row, ref, atol=1e-4)
+    # the answer is cut to 16 tokens: the longest two rows read the same answer text
+    assert probe.chat_text(tok, "q", pairs[1].answer, 64, 16) == probe.chat_text(tok, "q", pairs[2].answer, 64, 16)
+    agree = probe.agree(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.1, 0.2]), 0.5)
+    assert agree == {"agreement": 0.5, "fp": 1, "fn": 1, "n": 4, "positives": 2}
