@@ -66,6 +66,24 @@ def agree(y: np.ndarray, p: np.ndarray, t: float) -> dict:
             "fn": int((~flag & (y == 1)).sum()), "n": int(len(y)), "positives": int(y.sum())}
 
 
+def score(name, probs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict:
+    """One candidate's row: threshold by the default judge's rule (best held-out accuracy on a
+    0.05 grid, ties nearest 0.5), then agreement on each labelled set, also at 0.5."""
+    grid = [round(0.05 * i, 2) for i in range(1, 20)]
+    ph, yh = probs["heldout"], labels["heldout"]
+    t = max(grid, key=lambda g: (((ph > g) == (yh == 1)).mean(), -abs(g - 0.5)))
+    row = {"candidate": name, "threshold": t, "heldout": agree(yh, ph, t)}
+    for k in ("hand", "hand_rater2", "labels_2"):
+        pk = probs["labels_2" if k == "labels_2" else "hand"]
+        row[k], row[k + "@0.5"] = agree(labels[k], pk, t), agree(labels[k], pk, 0.5)
+    print(f"{name:28s} t={t:.2f} heldout {row['heldout']['agreement']:.3f}  "
+          f"hand {row['hand']['agreement']:.2f} ({row['hand']['fp']}/{row['hand']['fn']})  "
+          f"rater2 {row['hand_rater2']['agreement']:.2f}  labels_2 {row['labels_2']['agreement']:.3f} "
+          f"({row['labels_2']['fp']}/{row['labels_2']['fn']})  | @0.5 hand {row['hand@0.5']['agreement']:.2f} "
+          f"labels_2 {row['labels_2@0.5']['agreement']:.3f}", flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="/tmp/judge_llm_probe")
@@ -74,6 +92,8 @@ def main() -> None:
     ap.add_argument("--max-answer", type=int, default=160)
     ap.add_argument("--in-domain-weight", type=float, default=1.0,
                     help="weight of the hand-labelled SmolLM2 training rows in the fit")
+    ap.add_argument("--ensemble-with", metavar="JUDGE_DIR", default=None,
+                    help="also score the held-out-best probe averaged with this built classifier judge")
     ap.add_argument("--out", default=None, help="write the result table as JSON here")
     args = ap.parse_args()
     data_dir = resolve_data_dir(None)
@@ -106,27 +126,25 @@ def main() -> None:
     layer_sets = {f"L{i}": [i] for i in range(4, n_layers, 4)}
     layer_sets["L8+16+24"] = [8, 16, 24]
     layer_sets["all"] = list(range(1, n_layers))
-    rows = []
+    rows, probs = [], {}
     for lname, layers in layer_sets.items():
         for c in (0.001, 0.01, 0.1):
             sel = lambda k: feats[k][:, layers].reshape(len(feats[k]), -1)  # noqa: E731
             w = np.array([args.in_domain_weight if p.source.startswith("smollm2") else 1.0 for p in train])
             clf = fit(sel("train"), labels["train"], c, w)
-            ph = clf.predict_proba(sel("heldout"))[:, 1]
-            # the threshold rule of the default judge: best held-out accuracy on a 0.05 grid
-            grid = [round(0.05 * i, 2) for i in range(1, 20)]
-            t = max(grid, key=lambda g: (((ph > g) == (labels["heldout"] == 1)).mean(), -abs(g - 0.5)))
-            row = {"layers": lname, "C": c, "threshold": t, "heldout": agree(labels["heldout"], ph, t)}
-            for k in ("hand", "hand_rater2", "labels_2"):
-                pk = clf.predict_proba(sel(k))[:, 1]
-                row[k] = agree(labels[k], pk, t)
-                row[k + "@0.5"] = agree(labels[k], pk, 0.5)
-            rows.append(row)
-            print(f"{lname:10s} C={c:<6} t={t:.2f} heldout {row['heldout']['agreement']:.3f}  "
-                  f"hand {row['hand']['agreement']:.2f} ({row['hand']['fp']}/{row['hand']['fn']})  "
-                  f"rater2 {row['hand_rater2']['agreement']:.2f}  labels_2 {row['labels_2']['agreement']:.3f} "
-                  f"({row['labels_2']['fp']}/{row['labels_2']['fn']})  | @0.5 hand {row['hand@0.5']['agreement']:.2f} "
-                  f"labels_2 {row['labels_2@0.5']['agreement']:.3f}", flush=True)
+            probs[(lname, c)] = {k: clf.predict_proba(sel(k))[:, 1] for k in ("heldout", "hand", "labels_2")}
+            rows.append({**score(f"{lname} C={c}", probs[(lname, c)], labels), "key": (lname, c)})
+    if args.ensemble_with:
+        # one more candidate, fixed before looking: the held-out-best probe averaged with a built
+        # classifier judge
+        from booster.evaluate.classifier import ClassifierJudge
+
+        best = max(rows, key=lambda r: r["heldout"]["agreement"])
+        judge = ClassifierJudge(args.ensemble_with)
+        mixed = {k: (probs[best["key"]][k] + np.array(judge.probs([p.prompt for p in sets[k]],
+                                                                   [p.answer for p in sets[k]]))) / 2
+                 for k in ("heldout", "hand", "labels_2")}
+        rows.append(score(f"mean with {judge.name} {judge.version}", mixed, labels))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 
