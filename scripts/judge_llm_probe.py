@@ -9,7 +9,8 @@ raters) and with the 222 second-batch labels (never trained on here).
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 BOOSTER_DATA_DIR=../shared/data python scripts/judge_llm_probe.py
 
-Features are cached in --cache (computing them took 20 min on 2 cores).
+Features are cached in --cache (computing them took 20 min on 2 cores), keyed by set name and
+cut lengths only: delete the folder when the data, labels or model change.
 """
 
 from __future__ import annotations
