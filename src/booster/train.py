@@ -256,10 +256,11 @@ def fit(model: Any, defense: Defense, streams: dict[str, Stream], optim: OptimCo
     for step in bar:
         t0 = time.perf_counter()
         ctx.step = step
+        lr = scheduler.get_last_lr()[0]  # the rate this step trains with; scheduler.step() below moves to the next
         metrics = train_step(ctx, defense, step_batches(streams, defense, step, optim.grad_accum), optimizer, optim,
                              desc=desc)
         scheduler.step()
-        row = {"step": step, "lr": scheduler.get_last_lr()[0], **metrics, "seconds": time.perf_counter() - t0}
+        row = {"step": step, "lr": lr, **metrics, "seconds": time.perf_counter() - t0}
         if main:
             append_jsonl(log_path, [row])
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if "loss" in k})
