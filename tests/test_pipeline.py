@@ -287,6 +287,9 @@ def test_curve_plots_give_one_colour_per_defence():
     assert colour["sft p=0.2 seed=0"] == colour["sft p=0.0 seed=0"] != colour["booster p=0.0 seed=0"]
     assert len({colour[n] for n in names}) == 3
     assert styles["sft p=0.0 seed=0"][1] != styles["sft p=0.2 seed=0"][1], "same defence: told apart by style"
+    lrs = ["sft p=0.2 lr=0.0005 seed=10", "sft p=0.2 lr=1e-05 seed=0", "sft p=0.2 lr=0.0005 seed=2",
+           "sft p=0.2 lr=0.002 seed=0"]
+    assert list(line_styles(lrs)) == [lrs[1], lrs[2], lrs[0], lrs[3]], "numbers in names sort as numbers"
     six = line_styles([f"booster lam={i}" for i in range(6)])
     assert len({look[1:] for look in six.values()}) == 6, "more lines than styles: markers keep them apart"
 

@@ -12,6 +12,7 @@ the attack at two step counts or more, and plots of the scores against each swep
 from __future__ import annotations
 
 import json
+import re
 
 import statistics
 from pathlib import Path
@@ -305,8 +306,17 @@ def answers_side_by_side(root: Path, rows: list[dict[str, Any]], judge: dict[str
     return "\n".join(lines)
 
 
+_NUMBER = re.compile(r"(-?\d+(?:\.\d*)?(?:e[-+]?\d+)?)")
+
+
+def natural_key(name: str) -> list[tuple[int, float, str]]:
+    """Sort key that reads the numbers in a name as numbers: "lr=1e-05" before "lr=0.0002",
+    "seed=2" before "seed=10", which plain string order gets wrong."""
+    return [(0, float(part), "") if i % 2 else (1, 0.0, part) for i, part in enumerate(_NUMBER.split(name))]
+
+
 def line_styles(names: list[str]) -> dict[str, tuple[str, str, str]]:
-    """(colour, line style, marker) per series, in sorted order: names that share their first
+    """(colour, line style, marker) per series, in natural order (natural_key): names that share their first
     word (the defence, in the run plots) share a colour and differ by style, then by marker
     once the styles run out, so that the eye groups lines by defence rather than by the order
     the runs finished in, and no two lines of one defence look alike."""
@@ -314,7 +324,7 @@ def line_styles(names: list[str]) -> dict[str, tuple[str, str, str]]:
     colours: dict[str, str] = {}
     seen: dict[str, int] = {}
     out = {}
-    for name in sorted(names):
+    for name in sorted(names, key=natural_key):
         head = name.split(" ", 1)[0]
         colours.setdefault(head, f"C{len(colours) % 10}")
         i = seen.get(head, 0)
