@@ -270,7 +270,8 @@ def test_durability_table_reads_steps_to_a_harmful_score_of_50():
                              ("booster", {50: (5, 5), 100: (10, 20), 200: (30, 40)}))
             for steps, by_seed in curve.items() for seed, hs in enumerate(by_seed)]
     table = {r["defense"]: r for r in durability_table(rows)}
-    assert table["sft"]["HS after 100"] == "52.5" and table["sft"]["steps to HS≥50"] == "100"
+    assert table["sft"]["seeds"] == 2 and table["sft"]["HS after 50"] == "35.0 ± 7.1"
+    assert table["sft"]["HS after 100"] == "52.5 ± 10.6" and table["sft"]["steps to HS≥50"] == "100"
     assert table["booster"]["steps to HS≥50"] == "> 200", "never reached: say so, do not extrapolate"
     by_epochs = [{**r, "attack.optim.steps": None} for r in rows]
     assert durability_table(by_epochs) == [], "steps fixed by epochs (null): no curve, no table"

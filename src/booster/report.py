@@ -235,7 +235,7 @@ def plot_scores_against(root: Path, rows: list[dict[str, Any]], varied: list[str
 
 def durability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per attacked setting but its step count: the harmful score after each number of
-    attack steps (mean over seeds) and the fewest steps that reach DURABLE_AT ('> max' if none).
+    attack steps (mean ± std over seeds) and the fewest steps whose mean reaches DURABLE_AT ('> max' if none).
     Empty unless some setting ran at two step counts or more: a grid that fixes the length by
     epochs (steps null) has no curve to read."""
     settings: dict[tuple, dict[str, Any]] = {}
@@ -251,7 +251,8 @@ def durability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         means = {steps: _mean(v) for steps, v in sorted(entry["hs"].items())}
         reached = [steps for steps, hs in means.items() if hs >= DURABLE_AT]
         row = dict(entry["labels"])
-        row.update({f"HS after {steps}": f"{hs:.1f}" for steps, hs in means.items()})
+        row["seeds"] = max(len(v) for v in entry["hs"].values())
+        row.update({f"HS after {steps}": _mean_std(entry["hs"][steps]) for steps in means})
         row[f"steps to HS≥{DURABLE_AT:g}"] = str(reached[0]) if reached else f"> {max(means)}"
         out.append(row)
     out.sort(key=lambda r: [str(r.get(k)) for k in ("defense", "p", "attack.optim.lr")])
