@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-
 import statistics
 from pathlib import Path
 from typing import Any
@@ -235,9 +234,9 @@ def plot_scores_against(root: Path, rows: list[dict[str, Any]], varied: list[str
 
 def durability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per attacked setting but its step count: the harmful score after each number of
-    attack steps (mean ± std over seeds) and the fewest steps whose mean reaches DURABLE_AT ('> max' if none).
-    Empty unless some setting ran at two step counts or more: a grid that fixes the length by
-    epochs (steps null) has no curve to read."""
+    attack steps (mean ± std over seeds) and the fewest steps whose mean reaches DURABLE_AT
+    ('> max' if none). Empty unless some setting ran at two step counts or more: a grid that
+    fixes the length by epochs (steps null) has no curve to read."""
     settings: dict[tuple, dict[str, Any]] = {}
     for row in rows:
         if row.get("stage") != "attacked" or not isinstance(row.get("attack.optim.steps"), (int, float)):
@@ -317,9 +316,9 @@ def natural_key(name: str) -> list[tuple[int, float, str]]:
 
 
 def line_styles(names: list[str]) -> dict[str, tuple[str, str, str]]:
-    """(colour, line style, marker) per series, in natural order (natural_key): names that share their first
-    word (the defence, in the run plots) share a colour and differ by style, then by marker
-    once the styles run out, so that the eye groups lines by defence rather than by the order
+    """(colour, line style, marker) per series, in natural order (natural_key): names that share
+    their first word (the defence, in the run plots) share a colour and differ by style, then by
+    marker once the styles run out, so that the eye groups lines by defence rather than by the order
     the runs finished in, and no two lines of one defence look alike."""
     styles, markers = ("-", "--", ":", "-."), ("o", "s", "^", "x", "D")
     colours: dict[str, str] = {}
