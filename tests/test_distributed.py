@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -168,6 +169,9 @@ def launched(tmp_path_factory):
 
     def get(mode: str) -> dict:
         if mode not in cache:
+            # a launch that died leaves finished checkpoints behind, and a relaunch into them would
+            # resume at the last step and train nothing: every launch starts from an empty directory
+            shutil.rmtree(out / mode, ignore_errors=True)
             launch(configs[mode], str(Path(__file__).with_name("dist_worker.py")), str(out), mode)
             cache[mode] = {"info": json.loads((out / f"{mode}.json").read_text()),
                            **{case: load_file(str(out / f"{mode}-{case}.safetensors")) for case in CASES}}
