@@ -276,6 +276,8 @@ def test_durability_table_reads_steps_to_a_harmful_score_of_50():
     by_epochs = [{**r, "attack.optim.steps": None} for r in rows]
     assert durability_table(by_epochs) == [], "steps fixed by epochs (null): no curve, no table"
     assert durability_table([r for r in rows if r["attack.optim.steps"] == 100]) == [], "one length is no curve"
+    two_lrs = [{**r, "attack.optim.lr": lr} for r in rows if r["defense"] == "sft" for lr in (2e-4, 1e-5)]
+    assert [r["attack.optim.lr"] for r in durability_table(two_lrs)] == [1e-5, 2e-4], "lr in numeric order"
 
 
 def test_curve_plots_give_one_colour_per_defence():

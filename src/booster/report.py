@@ -254,7 +254,7 @@ def durability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row.update({f"HS after {steps}": _mean_std(entry["hs"][steps]) for steps in means})
         row[f"steps to HS≥{DURABLE_AT:g}"] = str(reached[0]) if reached else f"> {max(means)}"
         out.append(row)
-    out.sort(key=lambda r: [str(r.get(k)) for k in ("defense", "p", "attack.optim.lr")])
+    out.sort(key=lambda r: [natural_key(str(r.get(k))) for k in ("defense", "p", "attack.optim.lr")])
     return out
 
 
