@@ -32,8 +32,10 @@ def test_chat_template_and_answer_mask(smol):
     assert "<|im_start|>assistant" in tok.decode(row["input_ids"])
 
 
-def test_booster_steps_on_smollm2(smol, tmp_path):
-    cfg, tok = smol
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_booster_steps_on_smollm2(smol, tmp_path, dtype):
+    _, tok = smol
+    cfg = load_config("demo", ["model.max_length=48", f"model.dtype={dtype}"])
     model = build_model(cfg.model, tok, ModelRecipe(), tmp_path, train="new_lora")
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 0 < n_lora < 0.05 * sum(p.numel() for p in model.parameters())
@@ -45,7 +47,11 @@ def test_booster_steps_on_smollm2(smol, tmp_path):
     result = fit(model, make_defense("booster", cfg.align), streams, cfg.align.optim.__class__(lr=1e-3, steps=2),
                  tmp_path, accelerator=Accelerator(cpu=True), steps=2)
     assert all(r["harmful_grad_norm"] > 0 for r in result.log)
-    assert all(r["harmful_loss_perturbed"] < r["harmful_loss"] for r in result.log)
+    if dtype == "float32":
+        # one normalised step of alpha=0.1 lowers h by ~0.07 here in float32; in bfloat16 the
+        # same step read 5.91 -> 5.89 in one run and 5.91 -> 5.92 in another (rounding noise
+        # as large as the descent), so the descent is only checkable in float32
+        assert all(r["harmful_loss_perturbed"] < r["harmful_loss"] for r in result.log)
     answer = generate(model, tok, ["Say hello."], fmt="chat", max_new_tokens=8, batch_size=1)[0]
     assert isinstance(answer, str) and answer
     assert torch.isfinite(torch.tensor([r["loss"] for r in result.log])).all()
