@@ -50,3 +50,58 @@ def test_attack_loss_table_orders_a_numeric_setting_by_value(tmp_path):
                          capture_output=True, text=True, env=env, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| sft")]
     assert [r.split("attack.optim.steps=")[1].split(" ")[0] for r in rows] == ["50", "100", "200"]
+
+
+def _eval_stage(root: Path, name: str, prompts: list[str], flags: list[int]) -> str:
+    d = root / "stages" / name
+    d.mkdir(parents=True)
+    (d / "generations.jsonl").write_text("".join(json.dumps({"kind": "harmful", "prompt": p, "answer": "x"}) + "\n"
+                                                 for p in prompts)
+                                         + json.dumps({"kind": "task", "prompt": "t", "answer": "y"}) + "\n")
+    (d / "metrics.json").write_text(json.dumps({"judge": {"name": "classifier", "version": "v1", "threshold": 0.85},
+                                                "harm_probs": [0.9 if f else 0.1 for f in flags]}))
+    return f"stages/{name}"
+
+
+def _paired(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "paired_hs.py"), str(root), *extra],
+                          capture_output=True, text=True, env=env)
+
+
+def test_paired_hs_counts_discordant_pairs_over_seeds(tmp_path):
+    # 10 prompts, two seeds. Seed 0: sft flags prompts 0 and 9, booster 0-5, so only sft {9},
+    # only booster {1, 2, 3, 4, 5}. Seed 1: sft 0-1, booster 0-3, so only booster {2, 3}.
+    prompts = [f"q{i}" for i in range(10)]
+    flags = {("sft", 0): [1, 0, 0, 0, 0, 0, 0, 0, 0, 1], ("booster", 0): [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
+             ("sft", 1): [1, 1, 0, 0, 0, 0, 0, 0, 0, 0], ("booster", 1): [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]}
+    rows = []
+    for (defense, seed), f in flags.items():
+        eval_dir = _eval_stage(tmp_path, f"eval-{defense}-{seed}", prompts, f)
+        rows.append({"defense": defense, "seed": seed, "p": 0.2, "stage": "attacked", "eval_dir": eval_dir,
+                     "attack.optim.lr": 0.0005})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "config.yaml").write_text("attack: {optim: {lr: 0.0005}}\n")
+    out = _paired(tmp_path, "--where", "attack.optim.lr=5e-4")
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| p=0.2"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:6] == ["2", "20, 20", "60, 40", "1", "7"]
+    # pooled difference (60 + 40 - 20 - 20) / 2 = +30; McNemar on 1 vs 7: 2 * (1 + 8) / 256
+    assert cells[6].startswith("+30.0 [")
+    lo, hi = (float(x) for x in cells[6].split("[")[1].rstrip("]").split(","))
+    assert lo <= 30 <= hi and lo < hi
+    assert cells[7] == f"{2 * 9 / 256:.3f}"
+    assert cells[8] == "+30.0 ± 14.1"
+    # a filter no row matches leaves the table empty instead of comparing the wrong runs
+    out = _paired(tmp_path, "--where", "attack.optim.lr=1e-3")
+    assert not any(line.startswith("| p=") for line in out.stdout.splitlines())
+
+
+def test_paired_hs_refuses_evaluations_of_different_prompts(tmp_path):
+    rows = [{"defense": d, "seed": 0, "p": 0.2, "stage": "attacked",
+             "eval_dir": _eval_stage(tmp_path, f"eval-{d}", [f"{d}{i}" for i in range(3)], [1, 0, 0])}
+            for d in ("sft", "booster")]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = _paired(tmp_path)
+    assert out.returncode != 0 and "different prompts" in out.stderr

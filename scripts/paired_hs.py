@@ -1,0 +1,143 @@
+"""Two defences' harmful scores compared prompt by prompt, over the seeds they share.
+
+    python scripts/paired_hs.py runs/demo-bf16-seeds --a sft --b booster [--where KEY=VALUE ...]
+
+Every evaluation answers the same held-out harmful prompts in the same order, so the answers of
+defence A and defence B at one seed and one setting (aligned; attacked at each p) form pairs.
+For each setting the table gives both scores per seed, the answers only A's model gets flagged
+for and those only B's model gets flagged for (the discordant pairs: the rest are flagged by
+both or by neither and say nothing about the difference), and, pooled over the seeds:
+
+- the difference B − A in harmful-score points with a 95% interval from a bootstrap over
+  prompts (each resample draws prompts, keeping all seeds' pairs of a prompt together);
+- the exact two-sided McNemar p-value on the pooled discordant pairs.
+
+Both condition on the trained models: they say whether the difference between *these* models
+is beyond what the choice of 100 prompts explains, not whether another seed would give it.
+That seed-to-seed spread is the last column (sample std of the per-seed differences).
+Verdicts are read from each evaluation's metrics.json (harm_probs > the judge's threshold),
+i.e. under the judge the run directory was last reported with (`booster report DIR --judge`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from booster.io import read_json, read_jsonl
+
+
+def _matches(row: dict, run_dir: Path, key: str, value: str) -> bool:
+    # a key the grid did not vary is not in the row: the sweep's base config holds it
+    got = row[key] if key in row else OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), key)
+    return str(got) == value or (isinstance(got, (int, float)) and float(got) == float(value))
+
+
+def verdicts(eval_dir: Path) -> tuple[list[str], list[bool], str]:
+    """Prompts, the judge's verdict per prompt, and the judge's version, for one evaluation."""
+    metrics = read_json(eval_dir / "metrics.json")
+    judge = metrics["judge"]
+    prompts = [g["prompt"] for g in read_jsonl(eval_dir / "generations.jsonl") if g["kind"] == "harmful"]
+    flags = [p > judge["threshold"] for p in metrics["harm_probs"]]
+    if len(flags) != len(prompts):
+        raise SystemExit(f"{eval_dir}: {len(flags)} verdicts for {len(prompts)} answers; rerun `booster report`")
+    return prompts, flags, f"{judge['name']} {judge.get('version', '')}".strip()
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test: the discordant pairs as a binomial(n, 1/2)."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def bootstrap_ci(pairs: list[list[tuple[bool, bool]]], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the pooled score difference (B − A, points) over prompts resampled with
+    replacement; ``pairs[i]`` holds prompt i's (A flagged, B flagged) at every seed."""
+    rng = random.Random(seed)
+    n = len(pairs)
+    diffs = []
+    for _ in range(reps):
+        sample = [pairs[rng.randrange(n)] for _ in range(n)]
+        cells = [ab for prompt in sample for ab in prompt]
+        diffs.append(100.0 * sum(b - a for a, b in cells) / len(cells))
+    diffs.sort()
+    return diffs[int(0.025 * reps)], diffs[int(0.975 * reps) - 1]
+
+
+def collect(run_dirs: list[Path], where: list[list[str]]) -> dict[tuple[str, str, int], Path]:
+    """{(defence, setting, seed): evaluation directory} over the run directories' result rows."""
+    found: dict[tuple[str, str, int], Path] = {}
+    for run_dir in run_dirs:
+        for row in read_jsonl(run_dir / "results.jsonl"):
+            if row["stage"] == "unaligned":
+                continue
+            if not all(_matches(row, run_dir, k, v) for k, v in where if row["stage"] == "attacked" or k in row):
+                continue
+            setting = "aligned" if row["stage"] == "aligned" else f"p={row['p']}"
+            found[(row["defense"], setting, row["seed"])] = run_dir / row["eval_dir"]
+    return found
+
+
+def table(found: dict[tuple[str, str, int], Path], a: str, b: str) -> str:
+    settings = sorted({s for d, s, _ in found if d in (a, b)}, key=lambda s: (s != "aligned", s))
+    head = ["setting", "seeds", f"HS {a} per seed", f"HS {b} per seed", f"only {a} flagged", f"only {b} flagged",
+            f"{b} − {a} pooled [95% CI]", "McNemar p", "per-seed difference, mean ± std"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    judges = set()
+    for setting in settings:
+        seeds = sorted({s for d, st, s in found if st == setting and d == a} &
+                       {s for d, st, s in found if st == setting and d == b})
+        if not seeds:
+            continue
+        by_prompt: list[list[tuple[bool, bool]]] = []
+        hs_a, hs_b, per_seed = [], [], []
+        only_a = only_b = 0
+        for seed in seeds:
+            pa, fa, ja = verdicts(found[(a, setting, seed)])
+            pb, fb, jb = verdicts(found[(b, setting, seed)])
+            if pa != pb:
+                raise SystemExit(f"{setting}, seed {seed}: the two evaluations answered different prompts")
+            judges |= {ja, jb}
+            by_prompt = by_prompt or [[] for _ in pa]
+            for i, (x, y) in enumerate(zip(fa, fb)):
+                by_prompt[i].append((x, y))
+            hs_a.append(100.0 * sum(fa) / len(fa))
+            hs_b.append(100.0 * sum(fb) / len(fb))
+            per_seed.append(hs_b[-1] - hs_a[-1])
+            only_a += sum(x and not y for x, y in zip(fa, fb))
+            only_b += sum(y and not x for x, y in zip(fa, fb))
+        lo, hi = bootstrap_ci(by_prompt)
+        spread = (f"{statistics.mean(per_seed):+.1f} ± {statistics.stdev(per_seed):.1f}" if len(per_seed) > 1
+                  else f"{per_seed[0]:+.0f}")
+        lines.append("| " + " | ".join([
+            setting, str(len(seeds)), ", ".join(f"{v:.0f}" for v in hs_a), ", ".join(f"{v:.0f}" for v in hs_b),
+            str(only_a), str(only_b), f"{statistics.mean(per_seed):+.1f} [{lo:+.1f}, {hi:+.1f}]",
+            f"{mcnemar_p(only_a, only_b):.3f}", spread]) + " |")
+    if len(judges) > 1:
+        lines.append(f"\nWarning: the verdicts come from more than one judge build: {', '.join(sorted(judges))}")
+    else:
+        lines.append(f"\nJudge: {', '.join(judges) or 'none'}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dirs", nargs="+", type=Path)
+    ap.add_argument("--a", default="sft", help="the reference defence (default sft)")
+    ap.add_argument("--b", default="booster", help="the defence compared with it (default booster)")
+    ap.add_argument("--where", action="append", default=[], help="KEY=VALUE a result row must have")
+    args = ap.parse_args()
+    found = collect(args.run_dirs, [x.split("=", 1) for x in args.where])
+    print(table(found, args.a, args.b))
+
+
+if __name__ == "__main__":
+    main()
