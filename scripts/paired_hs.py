@@ -58,6 +58,10 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def _p(value: float) -> str:
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
 def bootstrap_ci(pairs: list[list[tuple[bool, bool]]], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% interval of the pooled score difference (B − A, points) over prompts resampled with
     replacement; ``pairs[i]`` holds prompt i's (A flagged, B flagged) at every seed."""
@@ -120,7 +124,7 @@ def table(found: dict[tuple[str, str, int], Path], a: str, b: str) -> str:
         lines.append("| " + " | ".join([
             setting, str(len(seeds)), ", ".join(f"{v:.0f}" for v in hs_a), ", ".join(f"{v:.0f}" for v in hs_b),
             str(only_a), str(only_b), f"{statistics.mean(per_seed):+.1f} [{lo:+.1f}, {hi:+.1f}]",
-            f"{mcnemar_p(only_a, only_b):.3f}", spread]) + " |")
+            _p(mcnemar_p(only_a, only_b)), spread]) + " |")
     if len(judges) > 1:
         lines.append(f"\nWarning: the verdicts come from more than one judge build: {', '.join(sorted(judges))}")
     else:
