@@ -86,7 +86,11 @@ def collect(run_dirs: list[Path], where: list[list[str]]) -> dict[tuple[str, str
             if not all(_matches(row, run_dir, k, v) for k, v in where if row["stage"] == "attacked" or k in row):
                 continue
             setting = "aligned" if row["stage"] == "aligned" else f"p={row['p']}"
-            found[(row["defense"], setting, row["seed"])] = run_dir / row["eval_dir"]
+            key, eval_dir = (row["defense"], setting, row["seed"]), run_dir / row["eval_dir"]
+            if key in found and found[key].resolve() != eval_dir.resolve():
+                raise SystemExit(f"two evaluations of {key[0]} at {setting}, seed {key[2]} ({found[key]}, "
+                                 f"{eval_dir}): they differ in a setting; pick one with --where KEY=VALUE")
+            found[key] = eval_dir
     return found
 
 
@@ -104,11 +108,13 @@ def table(found: dict[tuple[str, str, int], Path], a: str, b: str) -> str:
         by_prompt: list[list[tuple[bool, bool]]] = []
         hs_a, hs_b, per_seed = [], [], []
         only_a = only_b = 0
+        prompts: list[str] = []
         for seed in seeds:
             pa, fa, ja = verdicts(found[(a, setting, seed)])
             pb, fb, jb = verdicts(found[(b, setting, seed)])
-            if pa != pb:
-                raise SystemExit(f"{setting}, seed {seed}: the two evaluations answered different prompts")
+            if pa != pb or (prompts and pa != prompts):
+                raise SystemExit(f"{setting}, seed {seed}: the evaluations answered different prompts")
+            prompts = pa
             judges |= {ja, jb}
             by_prompt = by_prompt or [[] for _ in pa]
             for i, (x, y) in enumerate(zip(fa, fb)):

@@ -105,3 +105,13 @@ def test_paired_hs_refuses_evaluations_of_different_prompts(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = _paired(tmp_path)
     assert out.returncode != 0 and "different prompts" in out.stderr
+
+
+def test_paired_hs_refuses_two_runs_of_one_cell(tmp_path):
+    # two sft evaluations at the same p and seed (e.g. two attack lrs): pooling would silently keep one
+    rows = [{"defense": "sft", "seed": 0, "p": 0.2, "stage": "attacked", "attack.optim.lr": lr,
+             "eval_dir": _eval_stage(tmp_path, f"eval-{lr}", ["q0", "q1"], [1, 0])} for lr in (1e-4, 5e-4)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = _paired(tmp_path)
+    assert out.returncode != 0 and "--where" in out.stderr
+    assert _paired(tmp_path, "--where", "attack.optim.lr=5e-4").returncode == 0
