@@ -27,15 +27,8 @@ import random
 import statistics
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from booster.io import read_json, read_jsonl
-
-
-def _matches(row: dict, run_dir: Path, key: str, value: str) -> bool:
-    # a key the grid did not vary is not in the row: the sweep's base config holds it
-    got = row[key] if key in row else OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), key)
-    return str(got) == value or (isinstance(got, (int, float)) and float(got) == float(value))
+from pool_runs import matches  # the sibling script (scripts/ is on sys.path when run)
 
 
 def verdicts(eval_dir: Path) -> tuple[list[str], list[bool], str]:
@@ -83,7 +76,7 @@ def collect(run_dirs: list[Path], where: list[list[str]]) -> dict[tuple[str, str
         for row in read_jsonl(run_dir / "results.jsonl"):
             if row["stage"] == "unaligned":
                 continue
-            if not all(_matches(row, run_dir, k, v) for k, v in where if row["stage"] == "attacked" or k in row):
+            if not all(matches(row, run_dir, k, v) for k, v in where if row["stage"] == "attacked" or k in row):
                 continue
             setting = "aligned" if row["stage"] == "aligned" else f"p={row['p']}"
             key, eval_dir = (row["defense"], setting, row["seed"]), run_dir / row["eval_dir"]

@@ -37,7 +37,8 @@ def _base_value(run_dir: Path, key: str):
     return OmegaConf.select(cfg, key)
 
 
-def _matches(row: dict, run_dir: Path, key: str, value: str) -> bool:
+def matches(row: dict, run_dir: Path, key: str, value: str) -> bool:
+    """Whether a result row has KEY=VALUE; a key the grid did not vary comes from the sweep's config."""
     got = row[key] if key in row else _base_value(run_dir, key)
     return str(got) == value or (isinstance(got, (int, float)) and float(got) == float(value))
 
@@ -65,7 +66,7 @@ def main() -> None:
             if row["stage"] == "unaligned":
                 continue
             keys = [(k, v) for k, v in where if row["stage"] == "attacked" or k in row]
-            if not all(_matches(row, run_dir, k, v) for k, v in keys):
+            if not all(matches(row, run_dir, k, v) for k, v in keys):
                 continue
             align, _, attack = row["defense"].partition("+")
             name = labels.get((run_dir, align), align) + (f"+{attack}" if attack else "")
