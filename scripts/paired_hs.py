@@ -28,7 +28,7 @@ import statistics
 from pathlib import Path
 
 from booster.io import read_json, read_jsonl
-from pool_runs import matches  # the sibling script (scripts/ is on sys.path when run)
+from pool_runs import column, selected  # the sibling script (scripts/ is on sys.path when run)
 
 
 def verdicts(eval_dir: Path) -> tuple[list[str], list[bool], str]:
@@ -74,14 +74,11 @@ def collect(run_dirs: list[Path], where: list[list[str]]) -> dict[tuple[str, str
     found: dict[tuple[str, str, int], Path] = {}
     for run_dir in run_dirs:
         for row in read_jsonl(run_dir / "results.jsonl"):
-            if row["stage"] == "unaligned":
+            if not selected(row, run_dir, where):
                 continue
-            if not all(matches(row, run_dir, k, v) for k, v in where if row["stage"] == "attacked" or k in row):
-                continue
-            setting = "aligned" if row["stage"] == "aligned" else f"p={row['p']}"
-            key, eval_dir = (row["defense"], setting, row["seed"]), run_dir / row["eval_dir"]
+            key, eval_dir = (row["defense"], column(row), row["seed"]), run_dir / row["eval_dir"]
             if key in found and found[key].resolve() != eval_dir.resolve():
-                raise SystemExit(f"two evaluations of {key[0]} at {setting}, seed {key[2]} ({found[key]}, "
+                raise SystemExit(f"two evaluations of {key[0]} at {key[1]}, seed {key[2]} ({found[key]}, "
                                  f"{eval_dir}): they differ in a setting; pick one with --where KEY=VALUE")
             found[key] = eval_dir
     return found

@@ -37,10 +37,23 @@ def _base_value(run_dir: Path, key: str):
     return OmegaConf.select(cfg, key)
 
 
-def matches(row: dict, run_dir: Path, key: str, value: str) -> bool:
-    """Whether a result row has KEY=VALUE; a key the grid did not vary comes from the sweep's config."""
+def _matches(row: dict, run_dir: Path, key: str, value: str) -> bool:
     got = row[key] if key in row else _base_value(run_dir, key)
     return str(got) == value or (isinstance(got, (int, float)) and float(got) == float(value))
+
+
+def selected(row: dict, run_dir: Path, where: list[list[str]]) -> bool:
+    """Whether a result row of a defence passes every --where KEY=VALUE. A key the grid did not
+    vary comes from the sweep's config; an aligned row is held only to the keys it has, so an
+    attack setting (p, lr) does not drop the model every attack starts from."""
+    if row["stage"] == "unaligned":
+        return False
+    return all(_matches(row, run_dir, k, v) for k, v in where if row["stage"] == "attacked" or k in row)
+
+
+def column(row: dict) -> str:
+    """The column of a result row: the aligned model, or the attack's harmful ratio."""
+    return "aligned" if row["stage"] == "aligned" else f"p={row['p']}"
 
 
 def _fmt(values: list[float]) -> str:
@@ -63,14 +76,11 @@ def main() -> None:
     cells: dict[tuple, dict[str, dict]] = {}
     for run_dir in args.run_dirs:
         for row in read_jsonl(run_dir / "results.jsonl"):
-            if row["stage"] == "unaligned":
-                continue
-            keys = [(k, v) for k, v in where if row["stage"] == "attacked" or k in row]
-            if not all(matches(row, run_dir, k, v) for k, v in keys):
+            if not selected(row, run_dir, where):
                 continue
             align, _, attack = row["defense"].partition("+")
             name = labels.get((run_dir, align), align) + (f"+{attack}" if attack else "")
-            col = "aligned" if row["stage"] == "aligned" else f"p={row['p']}"
+            col = column(row)
             # one value per evaluated model: the same eval dir seen from two sweeps counts once
             cells.setdefault((name,), {}).setdefault(col, {})[(str(run_dir), row["eval_dir"])] = row
     cols = sorted({c for v in cells.values() for c in v}, key=lambda c: (c != "aligned", c))
