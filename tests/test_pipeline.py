@@ -394,11 +394,12 @@ def test_stage_hashes_stay_put_and_only_warmed_up_constant_stages_move(data_dir,
         payload = pipe._align_payload(cfg)
         return pipe._stage_dir("align", payload)[0]
 
-    # float32: the demo's first protocol, which the exp-* configs share; bfloat16: the demo now
+    # float32: the demo's first protocol, which the exp-* configs share; bfloat16: the demo where
+    # the CPU has it (model.dtype=auto resolves to one of the two: tests/test_dtype_estimate.py)
     assert key("align.defense=sft", "model.dtype=float32") == "align-147eb907f2"
     assert key("align.defense=booster", "model.dtype=float32") == "align-633c0f667f"
-    assert key("align.defense=sft") == "align-8ee8a035da"
-    assert key("align.defense=booster") == "align-80beed07fb"
+    assert key("align.defense=sft", "model.dtype=bfloat16") == "align-8ee8a035da"
+    assert key("align.defense=booster", "model.dtype=bfloat16") == "align-80beed07fb"
     from booster.pipeline import _warmup_fixed
 
     assert _warmup_fixed({"attack": {"optim": {"warmup_steps": 5}}}) and not _warmup_fixed(

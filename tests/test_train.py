@@ -115,3 +115,63 @@ def test_snapshots_run_after_their_step_and_probe_it(tmp_path, accelerator):
                  probes={"p": lambda m: 0.0}, probe_every=2, snapshots={1: seen.append})
     assert seen == [1]
     assert [r["step"] for r in result.probes] == [0, 1, 2, 3]
+
+
+def padded_rows(n, seed):
+    """Rows of different lengths with prompts of different lengths (padding and masked prompts)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length, prompt = 6 + i % 5, 2 + i % 3
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def test_answer_positions_loss_is_the_models_own():
+    # the LM head applied to answer positions only: the same loss and gradients as the model's
+    # own forward over every position (bit-identical on SmolLM2 on the CPUs tried; close here)
+    from booster.evaluate.probe import mean_answer_loss
+    from booster.models import answer_head
+    from booster.text import pad_batch
+    from booster.train import causal_lm_loss
+
+    model = lora_tiny()
+    assert answer_head(model) is not None
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = pad_batch(padded_rows(5, 0), 0)
+
+    def grads(loss_fn):
+        for p in params:
+            p.grad = None
+        loss = loss_fn(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    fast_loss, fast = grads(causal_lm_loss(model))
+    own_loss, own = grads(lambda b: model(**b, use_cache=False).loss)
+    torch.testing.assert_close(fast_loss, own_loss, rtol=1e-6, atol=0)
+    for a, b in zip(fast, own):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    probe = mean_answer_loss(model, padded_rows(5, 0), 0, batch_size=2)
+    assert probe == pytest.approx(own_loss.item(), rel=1e-6)
+
+
+def test_answer_positions_loss_only_where_it_is_the_same_computation(monkeypatch):
+    from booster.models import answer_head
+
+    full = tiny_model(VOCAB)  # full fine-tuning: the (tied) head trains, its gradient needs every position
+    assert answer_head(full) is None
+    frozen = lora_tiny()
+    monkeypatch.setattr(frozen.get_base_model().config, "model_type", "gemma2")  # soft-capped logits
+    assert answer_head(frozen) is None
+    monkeypatch.setattr(frozen.get_base_model().config, "model_type", "llama")
+
+    class Wrapper(torch.nn.Module):  # what DDP and FSDP wrappers look like: the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert answer_head(Wrapper(frozen)) is None
+    frozen._original_forward = frozen.forward  # accelerate's autocast wraps forward alone
+    assert answer_head(frozen) is None

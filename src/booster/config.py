@@ -59,7 +59,10 @@ class ModelConfig:
     """'smollm2' (the packaged SmolLM2-135M-Instruct GGUF, converted once to a cache),
     'tiny' (a random 2-layer Llama for tests), a local model directory, or a hub id."""
     dtype: str = "float32"
-    """Weights of the frozen base: float32 or bfloat16. Trainable LoRA weights stay float32."""
+    """Weights of the frozen base: float32, bfloat16, or auto (bfloat16 where the hardware runs it
+    natively: a GPU that supports it, a CPU with AVX512-BF16 or AMX; float32 elsewhere, since a CPU
+    without it emulates bfloat16 ~30x slower). Trainable LoRA weights stay float32. A stage is
+    hashed and recorded under the dtype auto resolved to (``booster.models.resolve_dtype``)."""
     finetune: str = "lora"
     """'lora' (peft adapters, the paper's setting) or 'full' (every weight trains)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -74,7 +77,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name is empty; use smollm2, tiny, a directory or a hub id")
-        _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
+        _one_of(self.dtype, ("float32", "bfloat16", "auto"), "model.dtype")
         _one_of(self.finetune, ("lora", "full"), "model.finetune")
         _one_of(self.prompt_format, ("chat", "alpaca"), "model.prompt_format")
         _check(self.max_length >= 16, f"model.max_length must be >= 16 tokens, got {self.max_length}")
@@ -314,6 +317,9 @@ class RunConfig:
     """CPU threads for torch. Unset: all cores."""
     controls: bool = True
     """Also evaluate the unaligned model and every aligned model before the attack."""
+    estimate: bool = True
+    """Before the first stage, time a few training steps, a probe batch and a few decoding
+    steps here and log how long the stages still to run will take (``booster.estimate``)."""
 
 
 @dataclass

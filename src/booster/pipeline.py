@@ -16,7 +16,7 @@ import copy
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,15 @@ from booster.defenses import DEFENSES, make_defense
 from booster.distributed import DistributedError, check_supported, gathered_state, make_accelerator
 from booster.evaluate.generate import generate, generate_vllm, vllm_available
 from booster.evaluate.judges import Judge, judged_path, make_judge
+from booster.estimate import Rates, StageWork, eval_work, mean_padded_length, measure, probe_count, say, training_work
 from booster.evaluate.probe import loss_probe
 from booster.io import (append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, environment_info,
                         file_sha256, read_json, read_jsonl, rewrite_jsonl, stable_hash, write_csv)
-from booster.models import ModelRecipe, build_model, load_tokenizer, save_trained
+from booster.models import DtypeChoice, ModelRecipe, build_model, load_tokenizer, resolve_dtype, save_trained
 from booster.refusal import is_refusal
 from booster.report import plot_log, plot_series, write_report
-from booster.text import encode_pair
-from booster.train import Stream, fit, total_steps
+from booster.text import encode_pair, format_prompt, pad_batch
+from booster.train import Stream, causal_lm_loss, fit, total_steps
 
 log = logging.getLogger("booster")
 
@@ -140,6 +141,10 @@ class Pipeline:
         self.chains: list[dict[str, Any]] = []
         self.points: list[ExperimentConfig] = []
         """The grid being run: attacks that differ only in length share one training run."""
+        self.timer: RunTimer | None = None
+        """The run's time estimate, per stage still to run (``estimate``)."""
+        self.dtypes: dict[str, DtypeChoice] = {}
+        """model.dtype as each grid point resolved it (by the resolved name), for meta.json."""
 
     # ---------------------------------------------------------------- shared resources
     @cached_property
@@ -245,15 +250,36 @@ class Pipeline:
             atomic_write_json(d / "meta.json", {"seed": cfg.run.seed, "environment": environment_info(),
                                                 "data_dir": str(self.data_dir), "data_sha256": self.data_hashes,
                                                 "processes": self.accelerator.num_processes,
+                                                "dtype": asdict(self._dtype_choice(cfg)),
                                                 "distributed": str(self.accelerator.distributed_type)})
 
     def _begin(self, d: Path, payload: dict[str, Any], cfg: ExperimentConfig) -> float:
         self._describe(d, payload, cfg)
+        if self.main and self.timer is not None:
+            log.info(self.timer.starting(d.name))
         torch.manual_seed(cfg.run.seed)
         from accelerate.utils import set_seed
 
         set_seed(cfg.run.seed)
         return time.time()
+
+    def _dtype_choice(self, cfg: ExperimentConfig) -> DtypeChoice:
+        return self.dtypes.get(cfg.model.dtype) or resolve_dtype(cfg.model.dtype)
+
+    def resolve_dtypes(self, points: list[ExperimentConfig]) -> list[ExperimentConfig]:
+        """Each point with model.dtype resolved on this machine (auto -> bfloat16 or float32), the
+        choice logged once: stages are hashed by the dtype they train in, so an auto stage is
+        the stage of the explicit dtype it became, and cached stages of either stay valid."""
+        out = []
+        for cfg in points:
+            choice = resolve_dtype(cfg.model.dtype)
+            if choice.resolved not in self.dtypes:
+                (log.warning if choice.emulated else log.info)(choice.message())
+            self.dtypes[choice.resolved] = choice
+            cfg = copy.deepcopy(cfg)
+            cfg.model.dtype = choice.resolved
+            out.append(cfg)
+        return out
 
     @staticmethod
     def _done(d: Path) -> bool:
@@ -264,6 +290,8 @@ class Pipeline:
         if self.main:
             shutil.rmtree(d / "checkpoint", ignore_errors=True)
             atomic_write_json(d / "DONE.json", {"seconds": round(time.time() - started, 1), **info})
+            if self.timer is not None:
+                self.timer.finished(d.name, time.time() - started)
 
     def _rel(self, path: Path) -> str:
         return str(path.relative_to(self.root))
@@ -423,10 +451,14 @@ class Pipeline:
         self.accelerator.wait_for_everyone()
         return StageResult(key, recipe, d)
 
-    def evaluate(self, cfg: ExperimentConfig, upstream: StageResult, labels: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _eval_payload(cfg: ExperimentConfig, upstream_key: str) -> dict[str, Any]:
         pl = _payloads(cfg)
-        payload = {"upstream": upstream.key, "model": pl["model"], "data": pl["data"], "eval": pl["eval"],
-                   "task": cfg.attack.task}
+        return {"upstream": upstream_key, "model": pl["model"], "data": pl["data"], "eval": pl["eval"],
+                "task": cfg.attack.task}
+
+    def evaluate(self, cfg: ExperimentConfig, upstream: StageResult, labels: dict[str, Any]) -> dict[str, Any]:
+        payload = self._eval_payload(cfg, upstream.key)
         key, d = self._stage_dir("eval", payload)
         # The main process generates and judges; the others wait (a long collective timeout: make_accelerator).
         if self.main and not self._done(d):
@@ -564,13 +596,15 @@ class Pipeline:
 
     def run(self, until: str = "evaluate") -> list[dict[str, Any]]:
         """Every grid point: (controls) -> align -> attack -> evaluate, up to stage ``until``."""
-        points = expand_grid(self.cfg)
+        points = self.resolve_dtypes(expand_grid(self.cfg))
         self.points = points
         self.preflight(points)
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_launch(points)
         if self.main:
             atomic_write_text(self.root / "config.yaml", to_yaml(self.cfg))
+            if self.cfg.run.estimate:
+                self.estimate(points, until)
         started = time.time()
         for i, cfg in enumerate(points, 1):
             log.info("grid point %d/%d: %s", i, len(points),
@@ -584,6 +618,132 @@ class Pipeline:
         if until == "evaluate" and self.main:
             self.report()
         return self.rows
+
+    def plan(self, points: list[ExperimentConfig], until: str = "evaluate") -> list[tuple[str, Path, ExperimentConfig]]:
+        """The stages ``run`` will train or evaluate and that are not done yet, in order, each
+        once: (kind, directory, the config of the first point that runs it). The chain is
+        ``_run_point``'s: unaligned control, alignment, aligned control, attack, evaluation."""
+        stages: dict[Path, tuple[str, Path, ExperimentConfig]] = {}
+
+        def add(kind: str, payload: dict[str, Any], cfg: ExperimentConfig) -> str:
+            key, d = self._stage_dir(kind, payload)
+            stages.setdefault(d, (kind, d, cfg))
+            return key
+
+        evaluate = until == "evaluate"
+        for cfg in points:
+            controls = evaluate and cfg.run.controls
+            base = self.base(cfg).key
+            if controls:
+                add("eval", self._eval_payload(cfg, base), cfg)
+            aligned = base if cfg.align.defense == "none" else add("align", self._align_payload(cfg), cfg)
+            if until == "align":
+                continue
+            if controls and cfg.align.defense != "none":
+                add("eval", self._eval_payload(cfg, aligned), cfg)
+            if not cfg.attack.enabled:
+                continue
+            attacked = add("attack", self._attack_payload(cfg, StageResult(aligned, ModelRecipe())), cfg)
+            if evaluate:
+                add("eval", self._eval_payload(cfg, attacked), cfg)
+        return [s for s in stages.values() if not self._done(s[1])]
+
+    def stage_work(self, kind: str, cfg: ExperimentConfig) -> StageWork:
+        """What a stage costs, in the units of ``booster.estimate`` (no model is loaded)."""
+        pad = self.tokenizer(cfg).pad_token_id
+        data = self.safety(cfg)
+        probe_tokens = sum(len(r["input_ids"]) for r in self.encode(cfg, data.probe))
+
+        def length(rows: list[Example], batch_size: int, name: str) -> float:
+            stream = Stream(self.encode(cfg, rows), batch_size, pad, cfg.run.seed, name)
+            return mean_padded_length(lambda i: stream.batch(i)["input_ids"].shape[1])
+
+        if kind == "eval":
+            task = get_task(cfg.attack.task)
+            return eval_work(kind, min(cfg.eval.n_harmful, len(data.eval_prompts)), cfg.eval.max_new_tokens,
+                             min(cfg.eval.n_task, len(self.task_eval(cfg))),
+                             cfg.eval.task_max_new_tokens or task.max_new_tokens, cfg.eval.batch_size)
+        stage_cfg = cfg.align if kind == "align" else cfg.attack
+        defense = DEFENSES[stage_cfg.defense]
+        optim = stage_cfg.optim
+        if kind == "align":
+            main = data.align + self.benign(cfg)
+            probe_tokens += sum(len(r["input_ids"]) for r in self.encode(cfg, data.align_probe[:cfg.data.n_probe]))
+            every = stage_cfg.eval_every
+        else:
+            main = poisoned_set(self.task_pool(cfg), self.mix_pool(cfg), n=cfg.attack.n, p=cfg.attack.p,
+                                seed=cfg.run.seed)
+            every = stage_cfg.probe_every
+            longer = [c for c in self._same_attack_other_length(cfg) if c.attack.optim.steps > optim.steps]
+            if longer:  # saved on the way by the longer run of the same attack: no work of its own
+                return StageWork(kind)
+        sources = {"main": main, "align": data.align, "harmful": data.harmful}
+        lengths = [length(sources[s], optim.batch_size, s) for s in defense.streams if s in sources]
+        steps = total_steps(optim, len(main))
+        return training_work(kind, steps, defense.passes, optim.batch_size, optim.grad_accum,
+                             sum(lengths) / len(lengths), probe_count(steps, every), probe_tokens)
+
+    def measure(self, cfg: ExperimentConfig) -> Rates:
+        """This machine's speed on ``cfg``'s model, alignment batches and evaluation prompts."""
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer(cfg)
+        data = self.safety(cfg)
+        device = self.accelerator.device
+        model = build_model(cfg.model, tok, ModelRecipe(), self.root,
+                            train="full" if cfg.model.finetune == "full" else "new_lora").to(device)
+        stream = Stream(self.encode(cfg, data.align + self.benign(cfg)), cfg.align.optim.batch_size,
+                        tok.pad_token_id, cfg.run.seed, "align")
+        probe = pad_batch(self.encode(cfg, data.probe[:16]), tok.pad_token_id)
+        prompts = [format_prompt(tok, p.prompt, cfg.model.prompt_format)
+                   for p in data.eval_prompts[:min(cfg.eval.batch_size, cfg.eval.n_harmful)]]
+        gen = pad_batch([{"input_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts],
+                        tok.pad_token_id, left=True)
+
+        def generate_batch(k: int) -> Any:
+            g = GenerationConfig(max_new_tokens=k, min_new_tokens=k, do_sample=False, num_beams=1,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+            return model.generate(**{k_: v.to(device) for k_, v in gen.items()}, generation_config=g)
+
+        batches = [{k: v.to(device) for k, v in stream.batch(i).items()} for i in range(3)]
+        try:
+            return measure(model, causal_lm_loss(model), batches, {k: v.to(device) for k, v in probe.items()},
+                           generate_batch)
+        finally:
+            del model
+
+    def estimate(self, points: list[ExperimentConfig], until: str = "evaluate") -> float | None:
+        """Log how long the stages still to run will take here, before running them; keep the
+        per-stage estimates so each stage's start logs the time left (``RunTimer``)."""
+        todo = self.plan(points, until)
+        if not todo:
+            return None
+        if self.accelerator.num_processes > 1 or any(c.eval.engine == "vllm" for _, _, c in todo):
+            log.info("estimate: skipped (several processes or vLLM; it times a single process)")
+            return None
+        t0 = time.time()
+        rates = self.measure(todo[0][2])
+        work = {d.name: self.stage_work(kind, cfg) for kind, d, cfg in todo}
+        self.timer = RunTimer({k: w.seconds(rates) for k, w in work.items()})
+        total = self.timer.left()
+        by_kind = {}
+        for kind, d, _ in todo:
+            by_kind.setdefault(kind, []).append(self.timer.estimates[d.name])
+        parts = ", ".join(f"{len(v)} {_KIND_NAMES[k]} {say(sum(v)).replace('about ', '~')}" for k, v in by_kind.items())
+        log.info("estimate: %d stages to run, %s on this machine (%s; measured in %.0f s: %.2f ms per token "
+                 "trained, %.0f ms per decoding step of %d answers)", len(todo), say(total), parts, time.time() - t0,
+                 1e3 * rates.train_token_s, 1e3 * rates.decode_step_s, todo[0][2].eval.batch_size)
+        if self.judge_missing(todo[0][2]):
+            log.info("estimate: plus the judge's one-time build before the first evaluation (10-15 min on 2 CPU "
+                     "cores)")
+        return total
+
+    def judge_missing(self, cfg: ExperimentConfig) -> bool:
+        if cfg.eval.judge != "classifier" or cfg.eval.judge_path:
+            return False
+        from booster.evaluate.classifier import JUDGE_FILE, ClassifierSettings, default_dir
+
+        return not (default_dir(ClassifierSettings(), self.data_dir) / JUDGE_FILE).is_file()
 
     def _run_point(self, cfg: ExperimentConfig, until: str) -> dict[str, Any] | None:
         grid = {k: get_dotted(cfg, k) for k in varied_keys(self.cfg)}
@@ -627,6 +787,33 @@ class Pipeline:
         rewrite_jsonl(self.root / "chains.jsonl", self.chains)
         return write_report(self.root, self.cfg, self.rows, self.chains, self.judge(self.cfg).describe()) + \
             plot_attack_curves(self.root) + plot_alignment_curves(self.root)
+
+
+_KIND_NAMES = {"align": "alignments", "attack": "attacks", "eval": "evaluations"}
+
+
+class RunTimer:
+    """The estimate of each stage still to run, corrected as stages finish by how far the
+    finished ones were off (actual over estimated seconds)."""
+
+    def __init__(self, estimates: dict[str, float]):
+        self.estimates = estimates
+        self.done: dict[str, float] = {}
+
+    def _scale(self) -> float:
+        est = sum(self.estimates[k] for k in self.done if k in self.estimates)
+        return sum(self.done[k] for k in self.done if k in self.estimates) / est if est > 0 else 1.0
+
+    def left(self) -> float:
+        return self._scale() * sum(v for k, v in self.estimates.items() if k not in self.done)
+
+    def starting(self, stage: str) -> str:
+        mine = self._scale() * self.estimates.get(stage, 0.0)
+        k = len(self.done) + 1
+        return f"stage {k}/{len(self.estimates)} {stage}: {say(mine)}; the run: {say(self.left())} left"
+
+    def finished(self, stage: str, seconds: float) -> None:
+        self.done[stage] = seconds
 
 
 def distinct_names(names: list[str], settings: list[dict[str, Any]]) -> list[str]:

@@ -33,6 +33,7 @@ from booster.config import OptimConfig
 from booster.defenses.base import Batch, Defense, StepContext
 from booster.distributed import check_supported, full_tensor, is_fsdp, mean_over_processes, shard_like
 from booster.io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl, rewrite_jsonl, stable_hash
+from booster.models import answer_head, answer_loss
 from booster.text import IGNORE, pad_batch
 
 
@@ -97,11 +98,16 @@ that DDP/FSDP take of its gradient is ∇(S/N): the global micro-batch's token-m
 
 
 def causal_lm_loss(model: Any) -> Callable[[Batch], torch.Tensor]:
+    """The mean answer-token cross-entropy of a batch: the LM head on the answer positions alone
+    where that is the same computation (``booster.models.answer_head``), else the model's own."""
     device = next(p.device for p in model.parameters())
+    parts = answer_head(model)
 
     def loss(batch: Batch) -> torch.Tensor:
         denominator = batch.get(LOSS_DENOMINATOR)
         batch = {k: v.to(device) for k, v in batch.items() if k != LOSS_DENOMINATOR}
+        if denominator is None and parts is not None and set(batch) == {"input_ids", "attention_mask", "labels"}:
+            return answer_loss(parts, batch["input_ids"], batch["attention_mask"], batch["labels"])
         if denominator is None:
             return model(**batch, use_cache=False).loss
         # transformers' own loss: the sum over target tokens divided by num_items_in_batch

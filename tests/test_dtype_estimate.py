@@ -1,0 +1,130 @@
+"""model.dtype=auto on mocked hardware, its warning and stage hashes; the time estimate's arithmetic."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from booster import models
+from booster.estimate import Rates, StageWork, eval_work, probe_count, say, training_work
+from booster.pipeline import Pipeline, RunTimer
+
+
+@pytest.fixture
+def hardware(monkeypatch):
+    """Pretend to be a machine: 'gpu', 'native' (x86 with AVX512-BF16), 'avx2' (x86 without),
+    'avx512' (AVX-512 but no BF16), or 'arm:<ratio>' (bf16 matmul ratio of the micro-benchmark)."""
+
+    def make(kind: str) -> None:
+        models.resolve_dtype.cache_clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: kind == "gpu")
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: kind == "gpu")
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "H100")
+        capability = {"native": "AVX512", "avx512": "AVX512", "avx2": "AVX2"}.get(kind, "DEFAULT")
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: kind == "native", raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        arm = kind.startswith("arm")
+        monkeypatch.setattr(models.platform, "machine", lambda: "aarch64" if arm else "x86_64")
+        if arm:
+            monkeypatch.setattr(models, "_bf16_matmul_ratio", lambda: float(kind.split(":")[1]))
+
+    yield make
+    models.resolve_dtype.cache_clear()
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("gpu", "bfloat16"), ("native", "bfloat16"), ("avx2", "float32"), ("avx512", "float32"),
+    ("arm:0.6", "bfloat16"), ("arm:12", "float32"),
+])
+def test_auto_picks_bfloat16_only_where_it_is_native(hardware, kind, expected):
+    hardware(kind)
+    choice = models.resolve_dtype("auto")
+    assert choice.resolved == expected and not choice.emulated
+    assert choice.message().startswith(f"model.dtype=auto -> {expected}: ")
+    assert models.resolve_dtype("float32").resolved == "float32"
+
+
+def test_explicit_bfloat16_on_a_cpu_without_it_runs_with_a_warning(hardware):
+    hardware("avx2")
+    choice = models.resolve_dtype("bfloat16")
+    assert choice.resolved == "bfloat16" and choice.emulated
+    msg = choice.message()
+    assert "\n" not in msg and "~30x slower" in msg and "model.dtype=auto or float32" in msg
+    hardware("native")
+    assert not models.resolve_dtype("bfloat16").emulated
+
+
+def test_auto_stages_are_the_stages_of_the_dtype_they_resolve_to(hardware, data_dir, tmp_path, caplog):
+    # the demo's cached stages (docs/results.md) keep their hashes: auto on a bf16 CPU is the
+    # bf16 demo's alignment, auto on an AVX2 CPU the float32 demo's
+    from booster.config import load_config
+
+    def key(*overrides):
+        cfg = load_config("demo", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}", *overrides])
+        pipe = Pipeline(cfg)
+        point = pipe.resolve_dtypes([cfg])[0]
+        return pipe._stage_dir("align", pipe._align_payload(point))[0], pipe
+
+    hardware("native")
+    assert key("align.defense=sft")[0] == key("align.defense=sft", "model.dtype=bfloat16")[0] == "align-8ee8a035da"
+    hardware("avx2")
+    with caplog.at_level(logging.INFO, logger="booster"):
+        k, pipe = key("align.defense=booster")
+    assert k == key("align.defense=booster", "model.dtype=float32")[0] == "align-633c0f667f"
+    assert "model.dtype=auto -> float32: CPU without native bfloat16 (PyTorch capability AVX2" in caplog.text
+    assert pipe.dtypes["float32"].requested == "auto"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="booster"):
+        key("model.dtype=bfloat16")
+    assert [r.levelname for r in caplog.records if "model.dtype" in r.message] == ["WARNING"]
+
+
+def test_meta_records_the_dtype_choice(hardware, tiny_cfg):
+    hardware("avx2")
+    cfg = tiny_cfg("model.dtype=auto", "grid={}", "attack.enabled=false", "run.controls=false")
+    Pipeline(cfg).run(until="align")
+    (stage,) = (Path(cfg.run.out_dir) / "stages").iterdir()
+    meta = json.loads((stage / "meta.json").read_text())
+    assert meta["dtype"]["requested"] == "auto" and meta["dtype"]["resolved"] == "float32"
+    assert "dtype" not in json.loads((stage / "config.json").read_text()).get("model", {})  # float32: the default
+
+
+def test_estimate_arithmetic():
+    rates = Rates(train_token_s=1e-3, forward_token_s=2e-4, decode_step_s=0.5)
+    # 200 Booster steps (3 passes) of 4 rows padded to 100 tokens, 21 probes of 5,000 tokens
+    align = training_work("align", steps=200, passes=3, batch_size=4, grad_accum=1, length=100.0,
+                          probes=probe_count(200, 10), probe_tokens=5000)
+    assert probe_count(200, 10) == 21 and probe_count(205, 10) == 22 and probe_count(100, 0) == 0
+    assert align.seconds(rates) == pytest.approx(200 * 3 * 4 * 100 * 1e-3 + 21 * 5000 * 2e-4)
+    # 100 harmful answers of up to 64 tokens and 100 SST-2 answers of 8, in batches of 16
+    ev = eval_work("eval", 100, 64, 100, 8, 16)
+    assert ev.decode_steps == 7 * 64 + 7 * 8 and ev.seconds(rates) == pytest.approx(7 * 72 * 0.5)
+    assert StageWork("attack").seconds(rates) == 0
+    assert [say(s) for s in (20, 52 * 60, 95 * 60)] == ["under a minute", "about 52 min", "about 1 h 35 min"]
+
+
+def test_time_left_corrects_itself_by_the_finished_stages():
+    timer = RunTimer({"a": 600.0, "b": 1200.0, "c": 600.0})
+    assert timer.left() == 2400 and timer.starting("a") == "stage 1/3 a: about 10 min; the run: about 40 min left"
+    timer.finished("a", 1200.0)  # twice as slow as estimated: the rest is doubled
+    assert timer.left() == 3600 and "stage 2/3 b: about 40 min" in timer.starting("b")
+
+
+def test_a_run_logs_its_estimate_before_the_first_stage(tiny_cfg, caplog):
+    cfg = tiny_cfg("grid={}", "align.defense=booster")
+    with caplog.at_level(logging.INFO, logger="booster"):
+        Pipeline(cfg).run()
+    lines = [r.message for r in caplog.records]
+    first = next(i for i, m in enumerate(lines) if m.startswith("estimate: 5 stages to run"))
+    assert first < next(i for i, m in enumerate(lines) if m.startswith("stage "))
+    assert "2 evaluations" not in lines[first] and "3 evaluations" in lines[first] and "1 alignments" in lines[first]
+    assert sum(m.startswith("stage ") for m in lines) == 5
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="booster"):
+        Pipeline(cfg).run()  # all done: nothing to estimate, nothing timed
+    assert not any(r.message.startswith("estimate") for r in caplog.records)
