@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from booster import models
-from booster.estimate import Rates, StageWork, eval_work, probe_count, say, training_work
+from booster.estimate import Rates, StageWork, eval_work, padded_prompt_tokens, probe_count, say, training_work
 from booster.pipeline import Pipeline, RunTimer
 
 
@@ -102,8 +102,10 @@ def test_estimate_arithmetic():
     assert probe_count(200, 10) == 21 and probe_count(205, 10) == 22 and probe_count(100, 0) == 0
     assert align.seconds(rates) == pytest.approx(200 * 3 * 4 * 100 * 1e-3 + 21 * 5000 * 2e-4)
     # 100 harmful answers of up to 64 tokens and 100 SST-2 answers of 8, in batches of 16
-    ev = eval_work("eval", 100, 64, 100, 8, 16)
-    assert ev.decode_steps == 7 * 64 + 7 * 8 and ev.seconds(rates) == pytest.approx(7 * 72 * 0.5)
+    ev = eval_work("eval", 100, 64, 100, 8, 16, prompt_tokens=1000)
+    assert ev.decode_steps == 7 * 64 + 7 * 8 and ev.seconds(rates) == pytest.approx(7 * 72 * 0.5 + 1000 * 2e-4)
+    # prompts of 5, 3, 9, 2, 4 tokens in batches of 2, longest first: (9, 5), (4, 3), (2) -> 18 + 8 + 2
+    assert padded_prompt_tokens([5, 3, 9, 2, 4], 2) == 28
     assert StageWork("attack").seconds(rates) == 0
     assert [say(s) for s in (20, 52 * 60, 95 * 60)] == ["under a minute", "about 52 min", "about 1 h 35 min"]
 

@@ -110,6 +110,19 @@ def test_each_stage_records_seed_versions_and_data_hashes(reference):
         assert "safety/refusals.json" in meta["data_sha256"] and len(meta["data_sha256"]["sst2/train.tsv"]) == 16
 
 
+def test_every_task_a_stage_reads_is_hashed(tmp_path, data_dir):
+    # AG News, GSM8K and instruction runs once recorded no hash of their task files
+    from booster.config import load_config
+    from booster.pipeline import Pipeline
+
+    cfg = load_config("tiny", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "attack.task=agnews",
+                               "attack.mix=gsm8k", "data.benign_tasks=[instructions]", "data.n_benign=4"])
+    hashes = Pipeline(cfg).data_hashes(cfg)
+    assert {"agnews/test.csv", "gsm8k/train.jsonl", "gsm8k/test.jsonl", "safety/refusals.json"} <= set(hashes)
+    assert any(k.startswith("safety/judge_labels/refusal/") for k in hashes)  # the instructions' source
+    assert not any(k.startswith("sst2/") for k in hashes)  # not read by this stage
+
+
 def test_no_pickle_anywhere_in_a_run(reference):
     files = [p for p in reference.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]

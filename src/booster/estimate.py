@@ -5,7 +5,7 @@ run and logs the sums. Seconds of a stage:
 
     training    steps · passes · B · L̄        · t_train    (L̄: mean padded length of its batches)
               + probes · Σ_probe rows (len)    · t_forward
-    evaluation  Σ_kinds ⌈n / batch⌉ · new_tokens · t_decode
+    evaluation  Σ_kinds ⌈n / batch⌉ · new_tokens · t_decode  +  padded prompt tokens · t_forward
 
 t_train (a token through a forward and backward pass, optimizer step included), t_forward (a
 token through a forward pass) and t_decode (one greedy decoding step of a batch of
@@ -66,9 +66,16 @@ def probe_count(steps: int, every: int) -> int:
     return 1 + steps // every + (steps % every != 0)
 
 
-def eval_work(label: str, n_harmful: int, max_new: int, n_task: int, task_max_new: int, batch_size: int) -> StageWork:
+def padded_prompt_tokens(lengths: list[int], batch_size: int) -> int:
+    """Prompt tokens the prefill computes: longest first, batches padded to their longest."""
+    ordered = sorted(lengths, reverse=True)
+    return sum(ordered[i] * len(ordered[i:i + batch_size]) for i in range(0, len(ordered), batch_size))
+
+
+def eval_work(label: str, n_harmful: int, max_new: int, n_task: int, task_max_new: int, batch_size: int,
+              prompt_tokens: int = 0) -> StageWork:
     steps = math.ceil(n_harmful / batch_size) * max_new + math.ceil(n_task / batch_size) * task_max_new
-    return StageWork(label, decode_steps=steps)
+    return StageWork(label, forward_tokens=prompt_tokens, decode_steps=steps)
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -109,7 +116,9 @@ def measure(model: Any, loss: Callable[[dict], Any], batches: list[dict], probe_
         fwd = {k: probe_batch[k] for k in ("input_ids", "attention_mask")}
         forward_token_s = _timed(lambda: model(**fwd, use_cache=False)) / probe_batch["input_ids"].numel()
         generate_batch(2)  # warm-up
-        decode_step_s = _timed(lambda: generate_batch(decode_tokens)) / decode_tokens
+        # the prefill, priced by t_forward, drops out of the difference
+        decode_step_s = max(0.0, _timed(lambda: generate_batch(decode_tokens + 1)) - _timed(lambda: generate_batch(1)))
+        decode_step_s /= decode_tokens
     return Rates(train_token_s, forward_token_s, decode_step_s)
 
 

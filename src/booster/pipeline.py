@@ -32,7 +32,8 @@ from booster.defenses import DEFENSES, make_defense
 from booster.distributed import DistributedError, check_supported, gathered_state, make_accelerator
 from booster.evaluate.generate import generate, generate_vllm, vllm_available
 from booster.evaluate.judges import Judge, judged_path, make_judge
-from booster.estimate import Rates, StageWork, eval_work, mean_padded_length, measure, probe_count, say, training_work
+from booster.estimate import (Rates, StageWork, eval_work, mean_padded_length, measure, padded_prompt_tokens, probe_count,
+                              say, training_work)
 from booster.evaluate.probe import loss_probe
 from booster.io import (append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, environment_info,
                         file_sha256, read_json, read_jsonl, rewrite_jsonl, stable_hash, write_csv)
@@ -50,8 +51,9 @@ STAGE_VERSION = 1
 OWN_COLUMNS = ("align.defense", "attack.p", "run.seed")
 """Grid keys that have their own column in result rows (defense, p, seed)."""
 
-DATA_FILES = ("safety/refusals.json", "safety/harmful_qa.json", "safety/hh_rlhf_harmless_test.jsonl.gz",
-              "safety/advbench.prompt.yaml", "sst2/train.tsv", "sst2/dev.tsv")
+SAFETY_FILES = ("safety/refusals.json", "safety/harmful_qa.json", "safety/hh_rlhf_harmless_test.jsonl.gz",
+                "safety/advbench.prompt.yaml")
+"""What every stage reads; each task adds its own (``Task.files``)."""
 
 
 @dataclass
@@ -223,11 +225,19 @@ class Pipeline:
         return self._memo(("judge", cfg.eval.judge, cfg.eval.judge_path),
                           lambda: make_judge(cfg.eval.judge, cfg.eval.judge_path, data_dir=self.data_dir))
 
-    @cached_property
-    def data_hashes(self) -> dict[str, str]:
-        if self.cfg.data.source == "hub":
+    def data_hashes(self, cfg: ExperimentConfig) -> dict[str, str]:
+        """Hashes of the data files a stage of ``cfg`` reads: the safety data and the files of
+        its attack task, its benign control's task and its alignment's benign tasks."""
+        if cfg.data.source == "hub":
             return {"source": "hub"}
-        return {rel: file_sha256(self.data_dir / rel, 16) for rel in DATA_FILES if (self.data_dir / rel).is_file()}
+        tasks = sorted({t for t in (cfg.attack.task, cfg.attack.mix, *cfg.data.benign_tasks) if t != "harmful"})
+        patterns = SAFETY_FILES + tuple(f for t in tasks for f in get_task(t).files)
+
+        def make() -> dict[str, str]:
+            paths = sorted({p for pattern in patterns for p in self.data_dir.glob(pattern) if p.is_file()})
+            return {str(p.relative_to(self.data_dir)): file_sha256(p, 16) for p in paths}
+
+        return self._memo(("data_hashes", patterns), make)
 
     # ---------------------------------------------------------------- stage bookkeeping
     def _streams(self, cfg: ExperimentConfig, defense: Any, main: list[Example], batch_size: int,
@@ -248,7 +258,7 @@ class Pipeline:
         if self.main:
             atomic_write_json(d / "config.json", payload)
             atomic_write_json(d / "meta.json", {"seed": cfg.run.seed, "environment": environment_info(),
-                                                "data_dir": str(self.data_dir), "data_sha256": self.data_hashes,
+                                                "data_dir": str(self.data_dir), "data_sha256": self.data_hashes(cfg),
                                                 "processes": self.accelerator.num_processes,
                                                 "dtype": asdict(self._dtype_choice(cfg)),
                                                 "distributed": str(self.accelerator.distributed_type)})
@@ -660,9 +670,14 @@ class Pipeline:
 
         if kind == "eval":
             task = get_task(cfg.attack.task)
-            return eval_work(kind, min(cfg.eval.n_harmful, len(data.eval_prompts)), cfg.eval.max_new_tokens,
-                             min(cfg.eval.n_task, len(self.task_eval(cfg))),
-                             cfg.eval.task_max_new_tokens or task.max_new_tokens, cfg.eval.batch_size)
+            tok = self.tokenizer(cfg)
+            prompts = [p.prompt for p in data.eval_prompts[:cfg.eval.n_harmful]]
+            items = [x.prompt for x in self.task_eval(cfg)[:cfg.eval.n_task]]
+            prefill = sum(padded_prompt_tokens([len(tok(format_prompt(tok, p, cfg.model.prompt_format),
+                                                        add_special_tokens=False)["input_ids"]) for p in texts],
+                                               cfg.eval.batch_size) for texts in (prompts, items) if texts)
+            return eval_work(kind, len(prompts), cfg.eval.max_new_tokens, len(items),
+                             cfg.eval.task_max_new_tokens or task.max_new_tokens, cfg.eval.batch_size, prefill)
         stage_cfg = cfg.align if kind == "align" else cfg.attack
         defense = DEFENSES[stage_cfg.defense]
         optim = stage_cfg.optim

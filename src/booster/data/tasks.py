@@ -30,6 +30,9 @@ class Task(ABC):
     max_new_tokens: int = 8
     """Answer length that fits a full answer (eval.task_max_new_tokens overrides it)."""
     metric: str = "accuracy"
+    files: tuple[str, ...] = ()
+    """What the task reads from the data directory (glob patterns), hashed into each stage's
+    meta.json."""
 
     def prompt(self, text: str) -> str:
         return f"{self.instruction}\n\nInput: {text}"
@@ -62,6 +65,7 @@ def _shuffled(rows: list[Example], seed: int = 0) -> list[Example]:
 
 class SST2(Task):
     name = "sst2"
+    files = ("sst2/train.tsv", "sst2/dev.tsv")
     instruction = "Analyze the sentiment of the input, and respond only positive or negative."
     labels = ("negative", "positive")
 
@@ -103,6 +107,7 @@ class SST2(Task):
 
 class AGNews(Task):
     name = "agnews"
+    files = ("agnews/test.csv",)
     instruction = ("Categorize the news article given in the input into one of the 4 categories: "
                    "World, Sports, Business, Sci/Tech.")
     labels = ("World", "Sports", "Business", "Sci/Tech")
@@ -162,6 +167,7 @@ def _to_float(text: str) -> float | None:
 
 class GSM8K(Task):
     name = "gsm8k"
+    files = ("gsm8k/train.jsonl", "gsm8k/test.jsonl")
     max_new_tokens = 256
 
     def prompt(self, text: str) -> str:
@@ -227,6 +233,8 @@ class Instructions(Task):
     """
 
     name = "instructions"
+    files = ("safety/judge_labels/*/*.csv", "safety/harmful_qa.json", "safety/refusals.json",
+             "safety/advbench.prompt.yaml", "safety/hh_rlhf_harmless_test.jsonl.gz")
     max_new_tokens = 128
     metric = "similarity"
     hub_held_out = 200
