@@ -404,3 +404,24 @@ def test_stage_hashes_stay_put_and_only_warmed_up_constant_stages_move(data_dir,
 
     assert _warmup_fixed({"attack": {"optim": {"warmup_steps": 5}}}) and not _warmup_fixed(
         {"attack": {"optim": {"warmup_steps": 5, "schedule": "linear"}}})
+
+
+def test_a_stage_adapter_loads_with_peft(tiny_run):
+    # what a run leaves is a standard PEFT adapter directory: users load it without this package
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from booster.config import load_config
+    from booster.models import load_tokenizer, tiny_model
+
+    cfg, out, _ = tiny_run
+    tok = load_tokenizer(load_config("tiny").model)
+    for stage in sorted((out / "stages").glob("a*-*")):  # alignments and attacks
+        base = tiny_model(len(tok), tok.pad_token_id, tok.eos_token_id)
+        model = PeftModel.from_pretrained(base, str(stage / "model"))
+        saved = load_file(str(stage / "model" / "adapter_model.safetensors"))
+        state = model.state_dict()
+        for key, value in saved.items():
+            loaded = next(v for k, v in state.items() if k.replace(".default", "") == key)
+            assert torch.equal(loaded, value), key

@@ -1,0 +1,115 @@
+"""Booster in a Hugging Face ``Trainer`` with your own ``TrainingArguments``.
+
+    trainer = BoosterTrainer(model=model, args=TrainingArguments(...), train_dataset=alignment_rows,
+                             data_collator=collate, harmful_dataset=harmful_rows,
+                             booster_lam=5.0, booster_alpha=0.1)
+    trainer.train()
+
+Each optimizer step leaves g = ∇f(w) + λ(∇h(w) − ∇h(w̃)), w̃ = w − α∇h(w)/‖∇h(w)‖, in ``.grad``
+(``booster.api.BoosterStep``, the class ``booster run`` trains with); the Trainer then clips
+(``max_grad_norm``), steps its optimizer and scheduler, logs, checkpoints as usual. f is the
+loss on the ``train_dataset`` batches, h on batches of ``harmful_dataset``.
+
+- ``gradient_accumulation_steps = k``: the Trainer's k micro-batches are held until the last one
+  of the window arrives and then go to Booster together with k harmful micro-batches: the loss
+  of the step is the mean of the micro-batch losses and ‖∇h‖ is taken over all of them, as one
+  large batch. (The reference implementation's ``training_step`` zeroes the gradients of the
+  earlier micro-batches instead; TamperBench's inherits that.)
+- Harmful micro-batch j of optimizer step s is a pure function of (``args.seed``, s·k + j): the
+  rows of ``harmful_dataset`` reshuffled every epoch, padded to their longest. A run resumed from
+  a checkpoint therefore sees the harmful batches the uninterrupted run saw.
+- ``harmful_dataset``: rows with ``input_ids`` and ``labels`` (token lists, -100 on the prompt),
+  as ``booster.text.encode_pair`` or your own SFT preprocessing makes them. Padding uses the
+  tokenizer's pad id (``processing_class``), else 0.
+- bf16 (``bf16=True`` or a bf16 model) works; fp16 does not (its loss scaler would scale ∇h before
+  its norm is taken): use bf16 or fp32. DeepSpeed and the Trainer's FSDP are refused; DDP works
+  (``accelerate launch``): gradients are synchronised once per pass on its last micro-batch.
+
+TRL: put the mixin in front of ``SFTTrainer`` (``class BoosterSFTTrainer(BoosterTrainerMixin,
+SFTTrainer)``); the alignment rows are then whatever SFTTrainer makes of its dataset, and the
+harmful rows must be tokenised the same way (``input_ids``/``labels``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from booster.api import BoosterStep
+
+
+class _TrainerSync:
+    """The defence's accelerator interface over the Trainer's: its no_sync for the micro-batches
+    before the last, a plain backward (BoosterStep averages the micro-batches itself; the
+    Trainer's accelerator would divide by k once more)."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+
+    def no_sync(self, model: Any) -> Any:
+        return self.accelerator.no_sync(model)
+
+    @staticmethod
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+
+
+class BoosterTrainerMixin:
+    """Booster's step inside a Trainer's ``training_step`` (see the module docstring)."""
+
+    def __init__(self, *args: Any, harmful_dataset: Any, booster_lam: float = 5.0, booster_alpha: float = 0.1,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+            raise ValueError("BoosterTrainer runs under one process or DDP; DeepSpeed and the Trainer's FSDP would "
+                             "shard the weights Booster copies and restores (booster run supports FSDP2)")
+        if self.args.fp16:
+            raise ValueError("BoosterTrainer: fp16's loss scaling would scale ∇h before its norm is taken; "
+                             "use bf16=True or fp32")
+        rows = [dict(r) for r in harmful_dataset]
+        if not rows or not all("input_ids" in r and "labels" in r for r in rows):
+            raise ValueError("harmful_dataset needs rows with input_ids and labels (token lists, -100 on the prompt)")
+        self.harmful_rows = rows
+        self.booster_lam, self.booster_alpha = booster_lam, booster_alpha
+        self._booster: BoosterStep | None = None
+        self._pending: list[dict[str, Any]] = []
+        self._harmful = None
+        self._booster_metrics: dict[str, float] = {}
+
+    def harmful_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Harmful micro-batch ``index`` (= step·k + j), the size of a training micro-batch."""
+        from booster.train import Stream
+
+        if self._harmful is None:
+            pad = getattr(self.processing_class, "pad_token_id", None)
+            self._harmful = Stream(self.harmful_rows, self.args.per_device_train_batch_size,
+                                   0 if pad is None else pad, self.args.seed, "harmful")
+        return self._harmful.batch(index)
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        model.train()
+        self._pending.append(self._prepare_inputs(inputs))
+        if not self.accelerator.sync_gradients:  # not the last micro-batch of the window: wait for it
+            return torch.zeros((), device=self.args.device)
+        if self._booster is None:
+            self._booster = BoosterStep(model, lam=self.booster_lam, alpha=self.booster_alpha,
+                                        accelerator=_TrainerSync(self.accelerator))
+        k = len(self._pending)
+        harmful = [self._prepare_inputs(self.harmful_batch(self.state.global_step * k + j)) for j in range(k)]
+        with self.compute_loss_context_manager():
+            metrics = self._booster.backward(self._pending, harmful)
+        self._pending = []
+        self._booster_metrics = metrics
+        # the Trainer sums what its micro-batches return: the window's total is the mean f
+        return torch.tensor(metrics["loss"], device=self.args.device)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._booster_metrics:
+            logs = {**logs, **{f"booster_{k}": v for k, v in self._booster_metrics.items() if k != "loss"}}
+        super().log(logs, *args, **kwargs)
+
+
+class BoosterTrainer(BoosterTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` whose every optimizer step is Booster's (module docstring)."""
