@@ -111,10 +111,14 @@ def test_estimate_arithmetic():
 
 
 def test_time_left_corrects_itself_by_the_finished_stages():
-    timer = RunTimer({"a": 600.0, "b": 1200.0, "c": 600.0})
-    assert timer.left() == 2400 and timer.starting("a") == "stage 1/3 a: about 10 min; the run: about 40 min left"
-    timer.finished("a", 1200.0)  # twice as slow as estimated: the rest is doubled
-    assert timer.left() == 3600 and "stage 2/3 b: about 40 min" in timer.starting("b")
+    timer = RunTimer({"align-a": 600.0, "attack-b": 1200.0, "eval-c": 600.0, "eval-d": 600.0})
+    assert timer.left() == 3000
+    assert timer.starting("align-a") == "stage 1/4 align-a: about 10 min; the run: about 50 min left"
+    timer.finished("align-a", 1200.0)  # training twice as slow as estimated: the other training doubles
+    assert timer.left() == 2400 + 1200 and "stage 2/4 attack-b: about 40 min" in timer.starting("attack-b")
+    timer.finished("attack-b", 2400.0)
+    timer.finished("eval-c", 300.0)  # evaluation twice as fast: the other evaluation halves
+    assert timer.left() == 300
 
 
 def test_a_run_logs_its_estimate_before_the_first_stage(tiny_cfg, caplog):

@@ -115,3 +115,20 @@ def test_paired_hs_refuses_two_runs_of_one_cell(tmp_path):
     out = _paired(tmp_path)
     assert out.returncode != 0 and "--where" in out.stderr
     assert _paired(tmp_path, "--where", "attack.optim.lr=5e-4").returncode == 0
+
+
+def test_stage_times_sums_each_kind_and_leaves_snapshots_out(tmp_path):
+    for name, config, done in (
+            ("align-a", {"align": {"defense": "booster"}}, {"seconds": 600.0, "steps": 200}),
+            ("attack-b", {"upstream": "align-a", "attack": {"p": 0.2}}, {"seconds": 120.0, "steps": 100}),
+            ("attack-c", {"upstream": "align-a", "attack": {"p": 0.2}}, {"seconds": 60.0, "steps": 50,
+                                                                          "snapshot_of": "attack-b"}),
+            ("eval-d", {"upstream": "attack-b"}, {"seconds": 90.0})):
+        _stage(tmp_path, name, config)
+        (tmp_path / "stages" / name / "DONE.json").write_text(json.dumps(done))
+    (tmp_path / "stages" / "eval-e").mkdir()  # unfinished: not counted
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "stage_times.py"), str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| align-a | align | booster | 200 | ? | 10.0 |" in out
+    assert "attack: 1 stages, 2.0 min" in out and "eval: 1 stages, 1.5 min" in out
+    assert "all stages: 13.5 min" in out and "eval-e" not in out

@@ -101,14 +101,17 @@ def _section(cfg: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
     return _changed(value, to_dict(type(cfg)()))
 
 
-def _defense_sections(stage_cfg: Any, defense: str, all_sections: tuple[str, ...]) -> tuple[str, ...]:
+def _defense_sections(stage: str, defense: str) -> tuple[str, ...]:
+    """The sections of the stage's other defences (the registry's ``config_sections``): they
+    do not decide this stage, so they stay out of its hash."""
     used = DEFENSES[defense].config_sections if defense in DEFENSES else ()
-    return tuple(s for s in all_sections if s not in used)
+    every = {s for cls in DEFENSES.values() if stage in cls.stages for s in cls.config_sections}
+    return tuple(sorted(every - set(used)))
 
 
 def _attack_drop(cfg: ExperimentConfig) -> tuple[str, ...]:
     """The attack settings that do not decide its stage (nor label its row)."""
-    drop = _defense_sections(cfg.attack, cfg.attack.defense, ("lisa",)) + ("probe_every",)
+    drop = _defense_sections("attack", cfg.attack.defense) + ("probe_every",)
     return drop + (("mix",) if cfg.attack.p == 0 else ())  # nothing is mixed in: one stage for every mix
 
 
@@ -123,7 +126,7 @@ def _warmup_fixed(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _payloads(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """The stage-deciding settings of each section (the judge does not decide generations)."""
-    align_drop = _defense_sections(cfg.align, cfg.align.defense, ("booster", "vaccine", "repnoise")) + ("eval_every",)
+    align_drop = _defense_sections("align", cfg.align.defense) + ("eval_every",)
     attack_drop = _attack_drop(cfg)
     return {"model": _section(cfg.model), "data": _section(cfg.data, drop=("dir",)),
             "align": {"defense": cfg.align.defense, **_section(cfg.align, drop=align_drop)},
@@ -809,23 +812,31 @@ _KIND_NAMES = {"align": "alignments", "attack": "attacks", "eval": "evaluations"
 
 class RunTimer:
     """The estimate of each stage still to run, corrected as stages finish by how far the
-    finished ones were off (actual over estimated seconds)."""
+    finished ones of the same sort were off (actual over estimated seconds; training and
+    evaluation apart, since their estimates rest on different measurements)."""
 
     def __init__(self, estimates: dict[str, float]):
         self.estimates = estimates
         self.done: dict[str, float] = {}
 
-    def _scale(self) -> float:
-        est = sum(self.estimates[k] for k in self.done if k in self.estimates)
-        return sum(self.done[k] for k in self.done if k in self.estimates) / est if est > 0 else 1.0
+    @staticmethod
+    def _sort(stage: str) -> str:
+        return "eval" if stage.startswith("eval") else "train"
+
+    def _scale(self, sort: str) -> float:
+        done = [k for k in self.done if k in self.estimates and self._sort(k) == sort and self.estimates[k] > 0]
+        est = sum(self.estimates[k] for k in done)
+        return sum(self.done[k] for k in done) / est if est > 0 else 1.0
+
+    def _expected(self, stage: str) -> float:
+        return self._scale(self._sort(stage)) * self.estimates.get(stage, 0.0)
 
     def left(self) -> float:
-        return self._scale() * sum(v for k, v in self.estimates.items() if k not in self.done)
+        return sum(self._expected(k) for k in self.estimates if k not in self.done)
 
     def starting(self, stage: str) -> str:
-        mine = self._scale() * self.estimates.get(stage, 0.0)
         k = len(self.done) + 1
-        return f"stage {k}/{len(self.estimates)} {stage}: {say(mine)}; the run: {say(self.left())} left"
+        return f"stage {k}/{len(self.estimates)} {stage}: {say(self._expected(stage))}; the run: {say(self.left())} left"
 
     def finished(self, stage: str, seconds: float) -> None:
         self.done[stage] = seconds
