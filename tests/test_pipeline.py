@@ -425,3 +425,27 @@ def test_a_stage_adapter_loads_with_peft(tiny_run):
         for key, value in saved.items():
             loaded = next(v for k, v in state.items() if k.replace(".default", "") == key)
             assert torch.equal(loaded, value), key
+
+
+def test_export_writes_a_merged_model_that_transformers_loads(tiny_run, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from booster.config import load_config
+    from booster.models import ModelRecipe, build_model, load_tokenizer
+
+    cfg, out, _ = tiny_run
+    attack = next(d for d in sorted((out / "stages").glob("attack-*"))
+                  if json.loads((d / "config.json").read_text())["attack"].get("p") == 0.25)
+    assert main(["export", str(attack), str(tmp_path / "hf")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    model_cfg = load_config("tiny").model
+    ours = build_model(model_cfg, load_tokenizer(model_cfg), ModelRecipe.load(attack / "recipe.json"), out)
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "defence **" in card and "harmful ratio p = 0.25" in card and "harmful score" in card
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
+    assert main(["export", str(out / "stages"), str(tmp_path / "x")]) == 2
+    assert "no finished stage" in capsys.readouterr().err

@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--judge", help="score every saved answer again with this judge first (classifier, refusal, "
                      "beaver_dam); answers are not regenerated")
     rep.add_argument("--judge-path", help="the judge's weights (eval.judge_path)")
+    exp = sub.add_parser("export", help="Write a trained stage as a merged Hugging Face model directory.",
+                         description="Write a finished align-* or attack-* stage as one merged Hugging Face model "
+                                     "directory (safetensors, tokenizer, chat template, a model card with the "
+                                     "defence, its settings and the run's scores), loadable by "
+                                     "AutoModelForCausalLM.from_pretrained.")
+    exp.add_argument("stage_dir", help="e.g. runs/demo/stages/align-80beed07fb")
+    exp.add_argument("out", help="the directory to write")
     cfg = sub.add_parser("config", help="Show configs.", description="Show the packaged configs or a resolved one.")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
     cfg_sub.add_parser("list", help="List the packaged configs.")
@@ -137,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from booster.config import ConfigError
     from booster.data.base import DataError
     from booster.distributed import DistributedError
+    from booster.export import ExportError
     from booster.models import ModelError
     from booster.text import TemplateError
     from booster.evaluate.judges import JudgeError
@@ -149,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             from booster.pipeline import report_run_dir
 
             print(report_run_dir(Path(args.run_dir), args.judge, args.judge_path))
+            return 0
+        if args.command == "export":
+            from booster.export import export
+
+            print(f"exported to {export(args.stage_dir, args.out)}")
             return 0
         if args.command == "config":
             from booster.config import packaged_configs, to_yaml
@@ -176,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         if until == "evaluate" and pipeline.main:
             print((Path(cfg.run.out_dir) / "results.md").read_text())
         return 0
-    except (ConfigError, DataError, ModelError, TemplateError, TrainingError, DistributedError, JudgeError) as e:
+    except (ConfigError, DataError, ModelError, TemplateError, TrainingError, DistributedError, JudgeError,
+            ExportError) as e:
         print(f"booster: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

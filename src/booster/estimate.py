@@ -91,7 +91,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def measure(model: Any, loss: Callable[[dict], Any], batches: list[dict], probe_batch: dict,
-            generate_batch: Callable[[int], Any], decode_tokens: int = 8) -> Rates:
+            generate_batch: Callable[[int], Any], decode_tokens: int = 8, batch_rows: int | None = None) -> Rates:
     """Time this machine on the run's own work. ``model``: a fresh trainable model (its weights
     are changed; throw it away after). ``batches``: training micro-batches, the first one a
     warm-up. ``generate_batch(k)``: greedy decoding of one evaluation batch for exactly k new
@@ -116,9 +116,12 @@ def measure(model: Any, loss: Callable[[dict], Any], batches: list[dict], probe_
         fwd = {k: probe_batch[k] for k in ("input_ids", "attention_mask")}
         forward_token_s = _timed(lambda: model(**fwd, use_cache=False)) / probe_batch["input_ids"].numel()
         generate_batch(2)  # warm-up
-        # the prefill, priced by t_forward, drops out of the difference
-        decode_step_s = max(0.0, _timed(lambda: generate_batch(decode_tokens + 1)) - _timed(lambda: generate_batch(1)))
-        decode_step_s /= decode_tokens
+        # the prefill, priced by t_forward, drops out of the difference; best of two of each
+        long = min(_timed(lambda: generate_batch(decode_tokens + 1)) for _ in range(2))
+        short = min(_timed(lambda: generate_batch(1)) for _ in range(2))
+        # a decoding step pushes one token per answer through the model: never cheaper than that
+        rows = probe_batch["input_ids"].shape[0] if batch_rows is None else batch_rows
+        decode_step_s = max((long - short) / decode_tokens, rows * forward_token_s)
     return Rates(train_token_s, forward_token_s, decode_step_s)
 
 

@@ -30,10 +30,10 @@ from booster.data.base import DataError, Example, resolve_data_dir
 from booster.data.tasks import get_task
 from booster.defenses import DEFENSES, make_defense
 from booster.distributed import DistributedError, check_supported, gathered_state, make_accelerator
-from booster.evaluate.generate import generate, generate_vllm, vllm_available
-from booster.evaluate.judges import Judge, judged_path, make_judge
 from booster.estimate import (Rates, StageWork, eval_work, mean_padded_length, measure, padded_prompt_tokens, probe_count,
                               say, training_work)
+from booster.evaluate.generate import generate, generate_vllm, vllm_available
+from booster.evaluate.judges import Judge, judged_path, make_judge
 from booster.evaluate.probe import loss_probe
 from booster.io import (append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, environment_info,
                         file_sha256, read_json, read_jsonl, rewrite_jsonl, stable_hash, write_csv)
@@ -726,7 +726,7 @@ class Pipeline:
         batches = [{k: v.to(device) for k, v in stream.batch(i).items()} for i in range(3)]
         try:
             return measure(model, causal_lm_loss(model), batches, {k: v.to(device) for k, v in probe.items()},
-                           generate_batch)
+                           generate_batch, batch_rows=len(prompts))
         finally:
             del model
 
