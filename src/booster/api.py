@@ -45,12 +45,17 @@ from booster.defenses.base import Batch, StepContext
 from booster.defenses.booster import Booster
 
 
-class _OneProcess:
-    """What the defence asks of an accelerator, for a plain single-process loop."""
+class PlainBackward:
+    """What the defence asks of an accelerator, with a plain backward: a single-process loop
+    (no ``accelerator``), or a Trainer's accelerator whose ``no_sync`` keeps the micro-batches
+    before the last from synchronising while the backward stays unscaled (BoosterStep averages
+    the micro-batches itself; the Trainer's accelerator would divide by k once more)."""
 
-    @staticmethod
-    def no_sync(model: Any) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    def __init__(self, accelerator: Any = None):
+        self.accelerator = accelerator
+
+    def no_sync(self, model: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.accelerator is None else self.accelerator.no_sync(model)
 
     @staticmethod
     def backward(loss: torch.Tensor) -> None:
@@ -74,7 +79,7 @@ class BoosterStep:
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad); Booster has nothing to train")
         self.ctx = StepContext(model=model, params=self.params, loss=loss_fn or causal_lm_loss(model),
-                               accelerator=accelerator or _OneProcess())
+                               accelerator=accelerator or PlainBackward())
         self.defense = Booster(SimpleNamespace(booster=settings))
         self.defense.setup(self.ctx)
 

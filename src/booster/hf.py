@@ -37,23 +37,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from booster.api import BoosterStep
-
-
-class _TrainerSync:
-    """The defence's accelerator interface over the Trainer's: its no_sync for the micro-batches
-    before the last, a plain backward (BoosterStep averages the micro-batches itself; the
-    Trainer's accelerator would divide by k once more)."""
-
-    def __init__(self, accelerator: Any):
-        self.accelerator = accelerator
-
-    def no_sync(self, model: Any) -> Any:
-        return self.accelerator.no_sync(model)
-
-    @staticmethod
-    def backward(loss: torch.Tensor) -> None:
-        loss.backward()
+from booster.api import BoosterStep, PlainBackward
 
 
 class BoosterTrainerMixin:
@@ -95,7 +79,7 @@ class BoosterTrainerMixin:
             return torch.zeros((), device=self.args.device)
         if self._booster is None:
             self._booster = BoosterStep(model, lam=self.booster_lam, alpha=self.booster_alpha,
-                                        accelerator=_TrainerSync(self.accelerator))
+                                        accelerator=PlainBackward(self.accelerator))
         k = len(self._pending)
         harmful = [self._prepare_inputs(self.harmful_batch(self.state.global_step * k + j)) for j in range(k)]
         with self.compute_loss_context_manager():

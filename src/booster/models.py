@@ -26,6 +26,7 @@ import torch
 
 from booster.config import ModelConfig
 from booster.io import atomic_dir
+from booster.text import IGNORE
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "BOOSTER_CACHE"
@@ -316,7 +317,7 @@ def answer_head(model: Any) -> tuple[Any, Any] | None:
 
 def answer_loss(parts: tuple[Any, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over the answer tokens (labels != -100), the head applied at
+    """Next-token cross-entropy over the answer tokens (labels != IGNORE), the head applied at
     those positions only. The logits a causal LM computes at prompt and padding positions are
     thrown away by its loss: with a frozen head this is the same computation without them, ~20%
     less work per step for SmolLM2 (its 49k-word head is a fifth of a forward pass) and, on the
@@ -325,7 +326,7 @@ def answer_loss(parts: tuple[Any, Any], input_ids: torch.Tensor, attention_mask:
     decoder, head = parts
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
-    keep = targets != -100
+    keep = targets != IGNORE
     logits = head(hidden[:, :-1][keep])
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 

@@ -32,7 +32,7 @@ from booster.defenses import DEFENSES, make_defense
 from booster.distributed import DistributedError, check_supported, gathered_state, make_accelerator
 from booster.estimate import (Rates, StageWork, eval_work, mean_padded_length, measure, padded_prompt_tokens, probe_count,
                               say, training_work)
-from booster.evaluate.generate import generate, generate_vllm, vllm_available
+from booster.evaluate.generate import generate, generate_vllm, prompt_ids, vllm_available
 from booster.evaluate.judges import Judge, judged_path, make_judge
 from booster.evaluate.probe import loss_probe
 from booster.io import (append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, environment_info,
@@ -40,7 +40,7 @@ from booster.io import (append_jsonl, atomic_dir, atomic_write_json, atomic_writ
 from booster.models import DtypeChoice, ModelRecipe, build_model, load_tokenizer, resolve_dtype, save_trained
 from booster.refusal import is_refusal
 from booster.report import plot_log, plot_series, write_report
-from booster.text import encode_pair, format_prompt, pad_batch
+from booster.text import encode_pair, pad_batch
 from booster.train import Stream, causal_lm_loss, fit, total_steps
 
 log = logging.getLogger("booster")
@@ -676,8 +676,7 @@ class Pipeline:
             tok = self.tokenizer(cfg)
             prompts = [p.prompt for p in data.eval_prompts[:cfg.eval.n_harmful]]
             items = [x.prompt for x in self.task_eval(cfg)[:cfg.eval.n_task]]
-            prefill = sum(padded_prompt_tokens([len(tok(format_prompt(tok, p, cfg.model.prompt_format),
-                                                        add_special_tokens=False)["input_ids"]) for p in texts],
+            prefill = sum(padded_prompt_tokens([len(ids) for ids in prompt_ids(tok, texts, cfg.model.prompt_format)],
                                                cfg.eval.batch_size) for texts in (prompts, items) if texts)
             return eval_work(kind, len(prompts), cfg.eval.max_new_tokens, len(items),
                              cfg.eval.task_max_new_tokens or task.max_new_tokens, cfg.eval.batch_size, prefill)
@@ -703,8 +702,6 @@ class Pipeline:
 
     def measure(self, cfg: ExperimentConfig) -> Rates:
         """This machine's speed on ``cfg``'s model, alignment batches and evaluation prompts."""
-        from transformers import GenerationConfig
-
         tok = self.tokenizer(cfg)
         data = self.safety(cfg)
         device = self.accelerator.device
@@ -713,15 +710,11 @@ class Pipeline:
         stream = Stream(self.encode(cfg, data.align + self.benign(cfg)), cfg.align.optim.batch_size,
                         tok.pad_token_id, cfg.run.seed, "align")
         probe = pad_batch(self.encode(cfg, data.probe[:16]), tok.pad_token_id)
-        prompts = [format_prompt(tok, p.prompt, cfg.model.prompt_format)
-                   for p in data.eval_prompts[:min(cfg.eval.batch_size, cfg.eval.n_harmful)]]
-        gen = pad_batch([{"input_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts],
-                        tok.pad_token_id, left=True)
+        prompts = [p.prompt for p in data.eval_prompts[:min(cfg.eval.batch_size, cfg.eval.n_harmful)]]
 
-        def generate_batch(k: int) -> Any:
-            g = GenerationConfig(max_new_tokens=k, min_new_tokens=k, do_sample=False, num_beams=1,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
-            return model.generate(**{k_: v.to(device) for k_, v in gen.items()}, generation_config=g)
+        def generate_batch(k: int) -> Any:  # one evaluation batch, exactly k new tokens
+            return generate(model, tok, prompts, fmt=cfg.model.prompt_format, max_new_tokens=k, min_new_tokens=k,
+                            batch_size=len(prompts), desc="estimate (decoding)")
 
         batches = [{k: v.to(device) for k, v in stream.batch(i).items()} for i in range(3)]
         try:

@@ -10,17 +10,25 @@ from tqdm.auto import tqdm
 from booster.text import format_prompt, pad_batch
 
 
+def prompt_ids(tokenizer: Any, prompts: list[str], fmt: str) -> list[list[int]]:
+    """The token ids the model sees before each answer."""
+    return [tokenizer(format_prompt(tokenizer, p, fmt), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
 def generate(model: Any, tokenizer: Any, prompts: list[str], *, fmt: str, max_new_tokens: int, batch_size: int,
-             desc: str = "generate", on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
+             desc: str = "generate", on_batch: Callable[[list[int], list[str]], None] | None = None,
+             min_new_tokens: int | None = None) -> list[str]:
     """Greedy answers to ``prompts`` in their order. ``on_batch(indices, answers)`` is called
-    after each batch, so a caller can save progress."""
+    after each batch, so a caller can save progress. ``min_new_tokens``: decode at least this
+    many tokens (a timing run; answers end at their first end-of-answer otherwise)."""
     from transformers import GenerationConfig
 
-    ids = [tokenizer(format_prompt(tokenizer, p, fmt), add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = prompt_ids(tokenizer, prompts, fmt)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    extra = {} if min_new_tokens is None else {"min_new_tokens": min_new_tokens}
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                               use_cache=True)
+                               use_cache=True, **extra)
     device = next(model.parameters()).device
     answers: list[str] = [""] * len(prompts)
     model.eval()
