@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script, saved", [("plain_loop.py", "adapter_model.safetensors"),
-                                           ("hf_trainer.py", "checkpoint-2/adapter_model.safetensors")])
+                                           ("hf_trainer.py", "checkpoint-2/adapter_model.safetensors"),
+                                           ("trl_sft.py", "checkpoint-2/adapter_model.safetensors")])
 def test_example_runs(script, saved, tmp_path, data_dir):
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--model", "tiny", "--steps", "2",

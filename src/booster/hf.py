@@ -25,13 +25,15 @@ loss on the ``train_dataset`` batches, h on batches of ``harmful_dataset``.
   its norm is taken): use bf16 or fp32. DeepSpeed and the Trainer's FSDP are refused; DDP works
   (``accelerate launch``): gradients are synchronised once per pass on its last micro-batch.
 
-TRL: put the mixin in front of ``SFTTrainer`` (``class BoosterSFTTrainer(BoosterTrainerMixin,
-SFTTrainer)``); the alignment rows are then whatever SFTTrainer makes of its dataset, and the
-harmful rows must be tokenised the same way (``input_ids``/``labels``).
+TRL (``pip install 'booster[trl]'``): ``booster.hf.BoosterSFTTrainer`` is the mixin in front of
+``trl.SFTTrainer``, with your ``SFTConfig``. Its ``harmful_dataset`` may be in any format SFTTrainer
+takes (prompt/completion, messages, text): rows without ``input_ids`` are tokenised by SFTTrainer's
+own preparation, as the alignment rows are, so f and h see the same template and loss mask.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -52,7 +54,7 @@ class BoosterTrainerMixin:
         if self.args.fp16:
             raise ValueError("BoosterTrainer: fp16's loss scaling would scale ∇h before its norm is taken; "
                              "use bf16=True or fp32")
-        rows = [dict(r) for r in harmful_dataset]
+        rows = self.tokenise_harmful([dict(r) for r in harmful_dataset])
         if not rows or not all("input_ids" in r and "labels" in r for r in rows):
             raise ValueError("harmful_dataset needs rows with input_ids and labels (token lists, -100 on the prompt)")
         self.harmful_rows = rows
@@ -61,6 +63,10 @@ class BoosterTrainerMixin:
         self._pending: list[dict[str, Any]] = []
         self._harmful = None
         self._booster_metrics: dict[str, float] = {}
+
+    def tokenise_harmful(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Harmful rows as token lists; a plain Trainer takes them as given."""
+        return rows
 
     def harmful_batch(self, index: int) -> dict[str, torch.Tensor]:
         """Harmful micro-batch ``index`` (= step·k + j), the size of a training micro-batch."""
@@ -97,3 +103,33 @@ class BoosterTrainerMixin:
 
 class BoosterTrainer(BoosterTrainerMixin, Trainer):
     """A ``transformers.Trainer`` whose every optimizer step is Booster's (module docstring)."""
+
+
+def __getattr__(name: str) -> Any:
+    # TRL is an optional extra: the class exists once someone asks for it and TRL is there
+    if name == "BoosterSFTTrainer":
+        return _sft_trainer()
+    raise AttributeError(f"module 'booster.hf' has no attribute {name!r}")
+
+
+@functools.cache
+def _sft_trainer() -> type:
+    try:
+        from trl import SFTTrainer
+    except ImportError:
+        raise ImportError("booster.hf.BoosterSFTTrainer needs TRL: pip install 'booster[trl]'") from None
+
+    class BoosterSFTTrainer(BoosterTrainerMixin, SFTTrainer):
+        """``trl.SFTTrainer`` whose every optimizer step is Booster's (module docstring)."""
+
+        def tokenise_harmful(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            if not rows or all("input_ids" in r for r in rows):
+                return rows
+            from datasets import Dataset
+
+            done = self._prepare_dataset(Dataset.from_list(rows), self.processing_class, self.args, packing=False,
+                                         formatting_func=None, dataset_name="harmful")
+            return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in done]
+
+    BoosterSFTTrainer.__module__ = __name__
+    return BoosterSFTTrainer
