@@ -140,7 +140,7 @@ def _trainer(tmp_path, model, align, harmful, **args):
                    data_collator=lambda rows_: pad_batch(rows_, 0), harmful_dataset=harmful)
 
 
-def _plain_loop(align, harmful, steps, micro, k):
+def _plain_loop(align, harmful, steps, micro, k, autocast=False):
     model = lora_tiny()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
@@ -148,7 +148,8 @@ def _plain_loop(align, harmful, steps, micro, k):
     stream = Stream(harmful, micro, 0, 0, "harmful")
     for s in range(steps):
         mbs = [pad_batch(align[(s * k + j) * micro:(s * k + j + 1) * micro], 0) for j in range(k)]
-        step.backward(mbs, [stream.batch(s * k + j) for j in range(k)])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the Trainer's bf16
+            step.backward(mbs, [stream.batch(s * k + j) for j in range(k)])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -185,3 +186,29 @@ def test_the_trainer_resumes_where_it_stopped(tmp_path):
 def test_the_trainer_refuses_harmful_rows_without_labels(tmp_path):
     with pytest.raises(ValueError, match="input_ids and labels"):
         _trainer(tmp_path, lora_tiny(), rows(6, 0), [{"input_ids": [1, 2]}], max_steps=1)
+
+
+def test_under_autocast_the_perturbed_pass_sees_the_perturbed_weights():
+    """torch.autocast caches its casts of the weights: without dropping them, the pass at w̃ would
+    run with w's casts (and the rest of the step with w̃'s)."""
+    align, harmful = pad_batch(rows(3, 0), 0), pad_batch(rows(3, 1), 0)
+    grads = []
+    for cache in (True, False):
+        model = lora_tiny()
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
+            metrics = BoosterStep(model).backward(align, harmful)
+        assert metrics["harmful_loss_perturbed"] < metrics["harmful_loss"]
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for cached, uncached in zip(*grads):
+        torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+
+
+def test_the_trainer_in_bf16_is_the_plain_loop_under_bf16_autocast(tmp_path):
+    align, harmful = rows(24, 0), rows(12, 1)
+    trainer = _trainer(tmp_path, lora_tiny(), align, harmful, max_steps=2, gradient_accumulation_steps=2, bf16=True)
+    trainer.train()
+    plain = dict(_plain_loop(align, harmful, 2, 3, 2, autocast=True).named_parameters())
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32
+            torch.testing.assert_close(p, plain[name], rtol=1e-6, atol=1e-8, msg=name)

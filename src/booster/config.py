@@ -21,6 +21,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from booster.tracking import tracker_names
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and how to fix it."""
@@ -320,6 +322,16 @@ class RunConfig:
     estimate: bool = True
     """Before the first stage, time a few training steps, a probe batch and a few decoding
     steps here and log how long the stages still to run will take (``booster.estimate``)."""
+    log_with: str = "none"
+    """Experiment trackers (accelerate's): none, tensorboard, wandb, mlflow, or several joined by
+    commas. Every training step's loss terms and every probe, one tracker run per stage, files
+    under <out_dir>/tracking (``booster.tracking``)."""
+
+    def __post_init__(self) -> None:
+        try:
+            tracker_names(self.log_with)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from booster.attack import poisoned_set
-from booster.config import ExperimentConfig, expand_grid, flatten, get_dotted, to_dict, to_yaml, varied_keys
+from booster.config import ConfigError, ExperimentConfig, expand_grid, flatten, get_dotted, to_dict, to_yaml, varied_keys
 from booster.data import safety
 from booster.data.base import DataError, Example, resolve_data_dir
 from booster.data.tasks import get_task
@@ -41,6 +41,7 @@ from booster.models import DtypeChoice, ModelRecipe, build_model, load_tokenizer
 from booster.refusal import is_refusal
 from booster.report import plot_log, plot_series, write_report
 from booster.text import encode_pair, pad_batch
+from booster.tracking import missing_packages, tracked, tracker_names
 from booster.train import Stream, causal_lm_loss, fit, total_steps
 
 log = logging.getLogger("booster")
@@ -155,6 +156,11 @@ class Pipeline:
     @cached_property
     def accelerator(self) -> Any:
         return make_accelerator()
+
+    def tracked(self, stage: str, payload: dict[str, Any]) -> Any:
+        """The run's experiment trackers (run.log_with) around one stage's training."""
+        return tracked(self.accelerator, tracker_names(self.cfg.run.log_with), self.root / "tracking", stage,
+                       flatten(payload))
 
     @property
     def main(self) -> bool:
@@ -356,8 +362,9 @@ class Pipeline:
         if data.align_probe:  # as many as the harmful probe: a probe costs a forward pass per example
             probes["align_loss"] = loss_probe(self.encode(cfg, data.align_probe[:cfg.data.n_probe]), tok.pad_token_id)
         steps = total_steps(cfg.align.optim, len(streams["main"]))
-        fit(model, defense, streams, cfg.align.optim, d, accelerator=self.accelerator, steps=steps,
-            desc=f"align {cfg.align.defense}", probes=probes, probe_every=cfg.align.eval_every)
+        with self.tracked(f"{d.name}-{cfg.align.defense}", payload):
+            fit(model, defense, streams, cfg.align.optim, d, accelerator=self.accelerator, steps=steps,
+                desc=f"align {cfg.align.defense}", probes=probes, probe_every=cfg.align.eval_every)
         self._save_model(model, d, full)
         if self.main:
             recipe.save(d / "recipe.json")
@@ -454,8 +461,10 @@ class Pipeline:
             c_dir = self._stage_dir("attack", self._attack_payload(c, upstream))[1]
             if c.attack.optim.steps < steps and not self._done(c_dir):
                 snapshots[c.attack.optim.steps] = (lambda s, c=c: self._snapshot(c, upstream, d, started, model, s))
-        fit(model, defense, streams, cfg.attack.optim, d, accelerator=self.accelerator, steps=steps,
-            desc=f"attack p={cfg.attack.p}", probes=probes, probe_every=cfg.attack.probe_every, snapshots=snapshots)
+        with self.tracked(f"{d.name}-p{cfg.attack.p}", payload):
+            fit(model, defense, streams, cfg.attack.optim, d, accelerator=self.accelerator, steps=steps,
+                desc=f"attack p={cfg.attack.p}", probes=probes, probe_every=cfg.attack.probe_every,
+                snapshots=snapshots)
         self._save_model(model, d, full)
         if self.main:
             recipe.save(d / "recipe.json")
@@ -581,6 +590,10 @@ class Pipeline:
         from booster.defenses import DEFENSES
         from booster.models import resolve_source
 
+        missing = missing_packages(tracker_names(self.cfg.run.log_with))
+        if missing:
+            raise ConfigError(f"run.log_with={self.cfg.run.log_with} needs {missing[0]}; install it or set "
+                              "run.log_with=none")
         for cfg in points:
             resolve_source(cfg.model)
             data = self.safety(cfg)

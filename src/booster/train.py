@@ -35,6 +35,7 @@ from booster.distributed import check_supported, full_tensor, is_fsdp, mean_over
 from booster.io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl, rewrite_jsonl, stable_hash
 from booster.models import answer_head, answer_loss
 from booster.text import IGNORE, pad_batch
+from booster.tracking import log_row
 
 
 class TrainingError(RuntimeError):
@@ -254,6 +255,7 @@ def fit(model: Any, defense: Defense, streams: dict[str, Stream], optim: OptimCo
         model.train()
         if main:
             append_jsonl(probe_path, [row])
+            log_row(accelerator, "probe", row)
 
     model.train()
     if start == 0 and probe_every:
@@ -269,6 +271,7 @@ def fit(model: Any, defense: Defense, streams: dict[str, Stream], optim: OptimCo
         row = {"step": step, "lr": lr, **metrics, "seconds": time.perf_counter() - t0}
         if main:
             append_jsonl(log_path, [row])
+            log_row(accelerator, "train", row)
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if "loss" in k})
         done = step + 1
         if probe_every and (done % probe_every == 0 or done == steps or done in snapshots):

@@ -91,6 +91,9 @@ class Booster(Defense):
                         p.grad = None  # carried by w − w̃ until the perturbed pass is done
                     else:
                         p.grad.mul_(self.lam)  # .grad = λ∇h(w)
+        # inside a caller's torch.autocast, the casts of w made by the first pass are cached and
+        # would stand in for w̃ (and w̃'s for w after the restore): drop them at each change
+        torch.clear_autocast_cache()
         perturbed = accumulate(ctx, harmful_batches, weight=-self.lam)  # .grad -= λ∇h(w̃)
         with torch.no_grad():
             for p, saved, rec in zip(params, self._buffer, recovered):
@@ -106,6 +109,7 @@ class Booster(Defense):
                 else:
                     saved.copy_(p.grad)  # the buffer now holds R
                     p.grad = None
+        torch.clear_autocast_cache()
         return {"harmful_loss": harmful, "harmful_loss_perturbed": perturbed,
                 "regulariser": harmful - perturbed, "harmful_grad_norm": norm}
 
