@@ -16,7 +16,7 @@ import copy
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,12 @@ from booster.io import (append_jsonl, atomic_dir, atomic_write_json, atomic_writ
 from booster.models import DtypeChoice, ModelRecipe, build_model, load_tokenizer, resolve_dtype, save_trained
 from booster.refusal import is_refusal
 from booster.report import plot_log, plot_series, write_report
+from booster.stages import (StageResult, align_payload, attack_drop, attack_payload, base_key, eval_payload, is_done,
+                            payloads, stage_dir)
 from booster.text import encode_pair, pad_batch
 from booster.train import Stream, causal_lm_loss, fit, total_steps
 
 log = logging.getLogger("booster")
-
-STAGE_VERSION = 1
-"""Bump when a change alters what a stage computes, so old cached stages are not reused."""
 
 OWN_COLUMNS = ("align.defense", "attack.p", "run.seed")
 """Grid keys that have their own column in result rows (defense, p, seed)."""
@@ -54,13 +53,6 @@ OWN_COLUMNS = ("align.defense", "attack.p", "run.seed")
 SAFETY_FILES = ("safety/refusals.json", "safety/harmful_qa.json", "safety/hh_rlhf_harmless_test.jsonl.gz",
                 "safety/advbench.prompt.yaml")
 """What every stage reads; each task adds its own (``Task.files``)."""
-
-
-@dataclass
-class StageResult:
-    key: str
-    recipe: ModelRecipe
-    dir: Path | None = None
 
 
 def _legacy_answers(d: Path, gens: list[dict[str, Any]]) -> dict[str, Any]:
@@ -79,59 +71,6 @@ def empty_rate(eval_dir: Path) -> float:
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _changed(value: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
-    """The entries of ``value`` that differ from ``default``, recursively."""
-    out = {}
-    for k, v in value.items():
-        if isinstance(v, dict) and isinstance(default.get(k), dict):
-            sub = _changed(v, default[k])
-            if sub:
-                out[k] = sub
-        elif k not in default or default[k] != v:
-            out[k] = v
-    return out
-
-
-def _section(cfg: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    """What decides a stage, as settings changed from the defaults: adding a new option with a
-    default (or an unrelated defence's hyperparameters) leaves existing stage hashes alone."""
-    value = {k: v for k, v in to_dict(cfg).items() if k not in drop}
-    return _changed(value, to_dict(type(cfg)()))
-
-
-def _defense_sections(stage: str, defense: str) -> tuple[str, ...]:
-    """The sections of the stage's other defences (the registry's ``config_sections``): they
-    do not decide this stage, so they stay out of its hash."""
-    used = DEFENSES[defense].config_sections if defense in DEFENSES else ()
-    every = {s for cls in DEFENSES.values() if stage in cls.stages for s in cls.config_sections}
-    return tuple(sorted(every - set(used)))
-
-
-def _attack_drop(cfg: ExperimentConfig) -> tuple[str, ...]:
-    """The attack settings that do not decide its stage (nor label its row)."""
-    drop = _defense_sections("attack", cfg.attack.defense) + ("probe_every",)
-    return drop + (("mix",) if cfg.attack.p == 0 else ())  # nothing is mixed in: one stage for every mix
-
-
-def _warmup_fixed(payload: dict[str, Any]) -> dict[str, Any]:
-    """A stage trained with warmup under the constant schedule before warmup took effect there
-    (it was ignored) must not be reused: such stages get a hash of their own. Others keep theirs."""
-    optims = [payload.get(s, {}).get("optim", {}) for s in ("align", "attack")]
-    if any(o.get("warmup_steps") and o.get("schedule", "constant") == "constant" for o in optims):
-        return {"warmup": "applied"}
-    return {}
-
-
-def _payloads(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
-    """The stage-deciding settings of each section (the judge does not decide generations)."""
-    align_drop = _defense_sections("align", cfg.align.defense) + ("eval_every",)
-    attack_drop = _attack_drop(cfg)
-    return {"model": _section(cfg.model), "data": _section(cfg.data, drop=("dir",)),
-            "align": {"defense": cfg.align.defense, **_section(cfg.align, drop=align_drop)},
-            "attack": {"p": cfg.attack.p, **_section(cfg.attack, drop=attack_drop)},
-            "eval": _section(cfg.eval, drop=("judge", "judge_path"))}
 
 
 class Pipeline:
@@ -253,8 +192,7 @@ class Pipeline:
                 for name in ("main", *defense.streams) if name in sources}
 
     def _stage_dir(self, kind: str, payload: dict[str, Any]) -> tuple[str, Path]:
-        key = f"{kind}-{stable_hash({'v': STAGE_VERSION, **payload, **_warmup_fixed(payload)})}"
-        return key, self.root / "stages" / key
+        return stage_dir(self.root, kind, payload)
 
     def _describe(self, d: Path, payload: dict[str, Any], cfg: ExperimentConfig) -> None:
         d.mkdir(parents=True, exist_ok=True)
@@ -296,7 +234,7 @@ class Pipeline:
 
     @staticmethod
     def _done(d: Path) -> bool:
-        return (d / "DONE.json").is_file()
+        return is_done(d)
 
     def _finish(self, d: Path, started: float, **info: Any) -> None:
         """Mark a stage done (main process only; callers on every process then wait at a barrier)."""
@@ -327,17 +265,12 @@ class Pipeline:
 
     # ---------------------------------------------------------------- stages
     def base(self, cfg: ExperimentConfig) -> StageResult:
-        return StageResult(key=f"base-{stable_hash(_section(cfg.model))}", recipe=ModelRecipe())
-
-    @staticmethod
-    def _align_payload(cfg: ExperimentConfig) -> dict[str, Any]:
-        pl = _payloads(cfg)
-        return {"model": pl["model"], "data": pl["data"], "align": pl["align"], "seed": cfg.run.seed}
+        return StageResult(key=base_key(cfg), recipe=ModelRecipe())
 
     def align(self, cfg: ExperimentConfig) -> StageResult:
         if cfg.align.defense == "none":
             return self.base(cfg)
-        payload = self._align_payload(cfg)
+        payload = align_payload(cfg)
         key, d = self._stage_dir("align", payload)
         full = cfg.model.finetune == "full"
         recipe = ModelRecipe(weights=self._rel(d / "model") if full else None,
@@ -366,12 +299,6 @@ class Pipeline:
         self.accelerator.wait_for_everyone()
         return StageResult(key, recipe, d)
 
-    @staticmethod
-    def _attack_payload(cfg: ExperimentConfig, upstream: StageResult) -> dict[str, Any]:
-        pl = _payloads(cfg)
-        return {"upstream": upstream.key, "model": pl["model"], "data": pl["data"], "attack": pl["attack"],
-                "seed": cfg.run.seed}
-
     def _attack_recipe(self, cfg: ExperimentConfig, upstream: StageResult, d: Path) -> tuple[str, ModelRecipe]:
         up = upstream.recipe
         if cfg.model.finetune == "full":
@@ -390,9 +317,9 @@ class Pipeline:
             return []
 
         def without_length(c: ExperimentConfig) -> str:
-            attack = copy.deepcopy(_payloads(c)["attack"])
+            attack = copy.deepcopy(payloads(c)["attack"])
             attack.get("optim", {}).pop("steps", None)
-            return stable_hash({"align": self._align_payload(c), "attack": attack})
+            return stable_hash({"align": align_payload(c), "attack": attack})
 
         mine = without_length(cfg)  # equal hashes: same defence, schedule and all but the length
         return [c for c in self.points if c.attack.optim.steps not in (None, cfg.attack.optim.steps)
@@ -402,7 +329,7 @@ class Pipeline:
                   model: Any, step: int) -> None:
         """Write the stage of the ``step``-step attack ``cfg`` from the longer run at that step,
         as that attack run on its own would have written it (every process calls this)."""
-        payload = self._attack_payload(cfg, upstream)
+        payload = attack_payload(cfg, upstream)
         _, d = self._stage_dir("attack", payload)
         mode, recipe = self._attack_recipe(cfg, upstream, d)
         self._describe(d, payload, cfg)
@@ -419,7 +346,7 @@ class Pipeline:
         self.accelerator.wait_for_everyone()
 
     def attack(self, cfg: ExperimentConfig, upstream: StageResult) -> StageResult:
-        payload = self._attack_payload(cfg, upstream)
+        payload = attack_payload(cfg, upstream)
         key, d = self._stage_dir("attack", payload)
         full = cfg.model.finetune == "full"
         up = upstream.recipe
@@ -451,7 +378,7 @@ class Pipeline:
         steps = total_steps(cfg.attack.optim, len(train_set))
         snapshots = {}
         for c in others:
-            c_dir = self._stage_dir("attack", self._attack_payload(c, upstream))[1]
+            c_dir = self._stage_dir("attack", attack_payload(c, upstream))[1]
             if c.attack.optim.steps < steps and not self._done(c_dir):
                 snapshots[c.attack.optim.steps] = (lambda s, c=c: self._snapshot(c, upstream, d, started, model, s))
         fit(model, defense, streams, cfg.attack.optim, d, accelerator=self.accelerator, steps=steps,
@@ -464,14 +391,8 @@ class Pipeline:
         self.accelerator.wait_for_everyone()
         return StageResult(key, recipe, d)
 
-    @staticmethod
-    def _eval_payload(cfg: ExperimentConfig, upstream_key: str) -> dict[str, Any]:
-        pl = _payloads(cfg)
-        return {"upstream": upstream_key, "model": pl["model"], "data": pl["data"], "eval": pl["eval"],
-                "task": cfg.attack.task}
-
     def evaluate(self, cfg: ExperimentConfig, upstream: StageResult, labels: dict[str, Any]) -> dict[str, Any]:
-        payload = self._eval_payload(cfg, upstream.key)
+        payload = eval_payload(cfg, upstream.key)
         key, d = self._stage_dir("eval", payload)
         # The main process generates and judges; the others wait (a long collective timeout: make_accelerator).
         if self.main and not self._done(d):
@@ -604,7 +525,7 @@ class Pipeline:
                                         "lisa.finetune_steps to the attack (e.g. 10% / 90%)")
             if cfg.align.defense in DEFENSES and "harmful" in DEFENSES[cfg.align.defense].streams and not data.harmful:
                 raise DataError(f"align.defense={cfg.align.defense} needs harmful pairs; set data.n_harmful >= 1")
-        for cfg in {stable_hash(_section(c.model)): c for c in points}.values():
+        for cfg in {base_key(c): c for c in points}.values():
             self.tokenizer(cfg)
 
     def run(self, until: str = "evaluate") -> list[dict[str, Any]]:
@@ -648,17 +569,17 @@ class Pipeline:
             controls = evaluate and cfg.run.controls
             base = self.base(cfg).key
             if controls:
-                add("eval", self._eval_payload(cfg, base), cfg)
-            aligned = base if cfg.align.defense == "none" else add("align", self._align_payload(cfg), cfg)
+                add("eval", eval_payload(cfg, base), cfg)
+            aligned = base if cfg.align.defense == "none" else add("align", align_payload(cfg), cfg)
             if until == "align":
                 continue
             if controls and cfg.align.defense != "none":
-                add("eval", self._eval_payload(cfg, aligned), cfg)
+                add("eval", eval_payload(cfg, aligned), cfg)
             if not cfg.attack.enabled:
                 continue
-            attacked = add("attack", self._attack_payload(cfg, StageResult(aligned, ModelRecipe())), cfg)
+            attacked = add("attack", attack_payload(cfg, StageResult(aligned, ModelRecipe())), cfg)
             if evaluate:
-                add("eval", self._eval_payload(cfg, attacked), cfg)
+                add("eval", eval_payload(cfg, attacked), cfg)
         return [s for s in stages.values() if not self._done(s[1])]
 
     def stage_work(self, kind: str, cfg: ExperimentConfig) -> StageWork:
@@ -784,7 +705,7 @@ class Pipeline:
             return None
         defense = cfg.align.defense if cfg.attack.defense == "sft" else f"{cfg.align.defense}+{cfg.attack.defense}"
         # a stage shared by several grid points (p=0 for every attack.mix) carries none of what they vary
-        dropped = _attack_drop(cfg)
+        dropped = attack_drop(cfg)
         attacked_labels = {k: v for k, v in labels("attacked", ("",)).items()
                            if not (k.startswith("attack.") and k.split(".")[1] in dropped)}
         row = self.evaluate(cfg, attacked, {"defense": defense, "seed": cfg.run.seed, "p": cfg.attack.p,
