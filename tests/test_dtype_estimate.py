@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from booster import models
-from booster.estimate import Rates, StageWork, eval_work, padded_prompt_tokens, probe_count, say, training_work
-from booster.pipeline import Pipeline, RunTimer
+from booster.estimate import (Rates, RunTimer, StageWork, eval_work, padded_prompt_tokens, probe_count, say,
+                              training_work)
+from booster.pipeline import Pipeline
 from booster.stages import align_payload, stage_key
 
 

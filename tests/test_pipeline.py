@@ -255,7 +255,7 @@ def test_report_header_counts_the_items_each_task_was_scored_on(tmp_path):
 
 
 def test_settings_swept_over_decades_plot_on_a_log_axis():
-    from booster.report import log_axis
+    from booster.plots import log_axis
 
     assert log_axis([0.01, 0.1, 1.0]) and log_axis([1.0, 5.0, 25.0]) and log_axis([1e-5, 1e-3])
     assert not log_axis([0.0, 0.05, 0.2]) and not log_axis([100, 200, 400]) and not log_axis([])
@@ -281,7 +281,7 @@ def test_durability_table_reads_steps_to_a_harmful_score_of_50():
 
 
 def test_curve_plots_give_one_colour_per_defence():
-    from booster.report import line_styles
+    from booster.plots import line_styles
 
     names = ["sft p=0.2 seed=0", "booster p=0.0 seed=0", "sft p=0.0 seed=0", "booster p=0.2 seed=0", "none p=0.2 seed=0"]
     styles = line_styles(names)
@@ -310,7 +310,7 @@ def test_answers_side_by_side(tiny_run):
 
 def test_empty_rate_counts_silent_answers_and_reaches_old_runs(tiny_run, tmp_path):
     from booster.io import rewrite_jsonl
-    from booster.pipeline import empty_rate
+    from booster.evaluate.stage import empty_rate
 
     gens = [{"kind": "harmful", "answer": a} for a in ("", "  \n", "Sure: step 1", "I cannot help.")]
     rewrite_jsonl(tmp_path / "generations.jsonl", gens + [{"kind": "task", "answer": ""}])
@@ -325,7 +325,7 @@ def test_empty_rate_counts_silent_answers_and_reaches_old_runs(tiny_run, tmp_pat
 
 
 def test_curves_of_one_defence_and_p_keep_apart_by_their_settings():
-    from booster.pipeline import distinct_names
+    from booster.plots import distinct_names
 
     names = ["booster p=0.2 seed=0"] * 3 + ["sft p=0.2 seed=0"]
     settings = [{"attack.p": 0.2, "align.booster.lam": 1.0}, {"attack.p": 0.2},

@@ -1,9 +1,14 @@
 """align -> attack -> evaluate, each stage cached under <out_dir>/stages/<kind>-<hash>.
 
 A stage's hash covers exactly the settings that decide its output (and the hash of the
-stage it starts from), so an aligned model is reused by every attack on it, and a rerun
-skips every stage whose ``DONE.json`` exists. A stage directory is self-describing: its
-config, the versions and data hashes it ran with, its logs, plots and outputs.
+stage it starts from; ``booster.stages`` owns those rules), so an aligned model is reused by
+every attack on it, and a rerun skips every stage whose ``DONE.json`` exists. A stage
+directory is self-describing: its config, the versions and data hashes it ran with, its
+logs, plots and outputs.
+
+The pipeline conducts: it serves the run's data, trains the alignment and the attack, and
+hands evaluation to ``booster.evaluate.stage``, the time estimate to ``booster.estimate``,
+tables to ``booster.report`` and curves to ``booster.plots``.
 
 Under ``accelerate launch`` every process runs the pipeline: all of them train (DDP or
 FSDP2), only the main process writes files and evaluates, and the others wait at a barrier
@@ -24,26 +29,26 @@ from typing import Any
 import torch
 
 from booster.attack import poisoned_set
-from booster.config import ExperimentConfig, expand_grid, flatten, get_dotted, to_dict, to_yaml, varied_keys
+from booster.config import ExperimentConfig, expand_grid, get_dotted, to_dict, to_yaml, varied_keys
 from booster.data import safety
 from booster.data.base import DataError, Example, resolve_data_dir
 from booster.data.tasks import get_task
 from booster.defenses import DEFENSES, make_defense
 from booster.distributed import DistributedError, check_supported, gathered_state, make_accelerator
-from booster.estimate import (Rates, StageWork, eval_work, mean_padded_length, measure, padded_prompt_tokens, probe_count,
-                              say, training_work)
-from booster.evaluate.generate import generate, generate_vllm, prompt_ids, vllm_available
-from booster.evaluate.judges import Judge, judged_path, make_judge
+from booster.estimate import KIND_NAMES, RunTimer, StageWork, measure_run, say, stage_work
+from booster.evaluate.generate import vllm_available
+from booster.evaluate.judges import Judge, make_judge
 from booster.evaluate.probe import loss_probe
-from booster.io import (append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, environment_info,
-                        file_sha256, read_json, read_jsonl, rewrite_jsonl, stable_hash, write_csv)
+from booster.evaluate.stage import empty_rate, judged, write_answers
+from booster.io import (atomic_dir, atomic_write_json, atomic_write_text, environment_info, file_sha256, read_jsonl,
+                        rewrite_jsonl, stable_hash, write_csv)
 from booster.models import DtypeChoice, ModelRecipe, build_model, load_tokenizer, resolve_dtype, save_trained
-from booster.refusal import is_refusal
-from booster.report import plot_log, plot_series, write_report
+from booster.plots import plot_alignment_curves, plot_attack_curves, plot_log
+from booster.report import write_report
 from booster.stages import (StageResult, align_payload, attack_drop, attack_payload, base_key, eval_payload, is_done,
                             payloads, stage_dir)
-from booster.text import encode_pair, pad_batch
-from booster.train import Stream, causal_lm_loss, fit, total_steps
+from booster.text import encode_pair
+from booster.train import Stream, fit, total_steps
 
 log = logging.getLogger("booster")
 
@@ -53,19 +58,6 @@ OWN_COLUMNS = ("align.defense", "attack.p", "run.seed")
 SAFETY_FILES = ("safety/refusals.json", "safety/harmful_qa.json", "safety/hh_rlhf_harmless_test.jsonl.gz",
                 "safety/advbench.prompt.yaml")
 """What every stage reads; each task adds its own (``Task.files``)."""
-
-
-def _legacy_answers(d: Path, gens: list[dict[str, Any]]) -> dict[str, Any]:
-    """answers.json of an evaluation stage written before generation and judging were split."""
-    old = read_json(d / "metrics.json")
-    return {k: old[k] for k in ("upstream", "task", "refusal_rate", "accuracy", "n_harmful", "n_task") if k in old}
-
-
-def empty_rate(eval_dir: Path) -> float:
-    """% of the answers to harmful prompts that are empty: harmless by silence, not by refusal.
-    Read from the stage's generations, so runs evaluated before this column existed get it too."""
-    harmful = [g for g in read_jsonl(Path(eval_dir) / "generations.jsonl") if g["kind"] == "harmful"]
-    return 100.0 * sum(not g["answer"].strip() for g in harmful) / len(harmful) if harmful else 0.0
 
 
 def _hms(seconds: float) -> str:
@@ -400,7 +392,7 @@ class Pipeline:
         self.accelerator.wait_for_everyone()
         if not self.main:
             return {}
-        metrics = self.judged(cfg, d)
+        metrics = judged(self.judge(cfg), d)
         row = {**labels, "harmful_score": metrics["harmful_score"], "refusal_rate": metrics["refusal_rate"],
                "empty_rate": empty_rate(d), "accuracy": metrics.get("accuracy"), "judge": metrics["judge"]["name"],
                "eval_dir": self._rel(d)}
@@ -410,88 +402,10 @@ class Pipeline:
     def _run_eval(self, cfg: ExperimentConfig, upstream: StageResult, payload: dict[str, Any], d: Path) -> None:
         started = self._begin(d, payload, cfg)
         log.info("evaluate %s -> %s", upstream.key, d)
-        tok = self.tokenizer(cfg)
-        prompts = self.safety(cfg).eval_prompts[:cfg.eval.n_harmful]
-        items = self.task_eval(cfg)[:cfg.eval.n_task]
-        model = build_model(cfg.model, tok, upstream.recipe, self.root, train=None)
-        model.to(self.accelerator.device)
-        partial = d / "generations.partial.jsonl"
-        done = {(r["kind"], r["index"]): r["answer"] for r in read_jsonl(partial)}
-
-        def answers_for(kind: str, texts: list[str], max_new: int) -> list[str]:
-            todo = [i for i in range(len(texts)) if (kind, i) not in done]
-
-            def save(idx: list[int], outs: list[str]) -> None:
-                rows = [{"kind": kind, "index": todo[i], "answer": a} for i, a in zip(idx, outs)]
-                append_jsonl(partial, rows)
-                done.update({(kind, r["index"]): r["answer"] for r in rows})
-
-            if todo and cfg.eval.engine == "vllm":
-                save(list(range(len(todo))), generate_vllm(str(merged_dir()), tok, [texts[i] for i in todo],
-                                                           fmt=cfg.model.prompt_format, max_new_tokens=max_new))
-            elif todo:
-                generate(model, tok, [texts[i] for i in todo], fmt=cfg.model.prompt_format, max_new_tokens=max_new,
-                         batch_size=cfg.eval.batch_size, desc=f"answers ({kind})", on_batch=save)
-            return [done[(kind, i)] for i in range(len(texts))]
-
-        def merged_dir() -> Path:
-            """vLLM loads one plain model directory: the recipe's adapters merged in, kept until the end."""
-            out = d / "merged_model"
-            if not (out / "config.json").is_file():
-                with atomic_dir(out) as tmp:
-                    plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-                    plain.save_pretrained(str(tmp), safe_serialization=True)
-                    tok.save_pretrained(str(tmp))
-            return out
-
-        harm_answers = answers_for("harmful", [p.prompt for p in prompts], cfg.eval.max_new_tokens)
-        task = get_task(cfg.attack.task)
-        task_answers = answers_for("task", [x.prompt for x in items], cfg.eval.task_max_new_tokens or task.max_new_tokens)
-        task_scores = task.scores(task_answers, [x.label for x in items]) if items else []
-        gens = [{"kind": "harmful", "prompt": p.prompt, "answer": a, "refusal": is_refusal(a)}
-                for p, a in zip(prompts, harm_answers)]
-        gens += [{"kind": "task", "prompt": x.prompt, "answer": a, "gold": x.label, "parsed": task.parse(a),
-                  "score": round(sc, 4)} for x, a, sc in zip(items, task_answers, task_scores)]
-        rewrite_jsonl(d / "generations.jsonl", gens)
-        atomic_write_json(d / "answers.json", {
-            "upstream": upstream.key, "task": cfg.attack.task, "task_metric": task.metric,
-            "refusal_rate": 100.0 * sum(g["refusal"] for g in gens if g["kind"] == "harmful") / len(prompts),
-            "accuracy": 100.0 * sum(task_scores) / len(task_scores) if task_scores else None,
-            "n_harmful": len(prompts), "n_task": len(items)})
-        partial.unlink(missing_ok=True)
-        shutil.rmtree(d / "merged_model", ignore_errors=True)
+        write_answers(cfg, upstream.recipe, self.root, self.accelerator.device, self.tokenizer(cfg),
+                      self.safety(cfg).eval_prompts[:cfg.eval.n_harmful], self.task_eval(cfg)[:cfg.eval.n_task], d,
+                      upstream.key)
         self._finish(d, started)
-
-    def judged(self, cfg: ExperimentConfig, d: Path) -> dict[str, Any]:
-        """The evaluation's metrics under the configured judge. Generations are the stage's cached
-        output; judging them is cheap and cached per judge name and version (judged-*.json), so a
-        new or retrained judge never regenerates answers. metrics.json holds the latest."""
-        judge = self.judge(cfg)
-        desc = judge.describe()
-        path = judged_path(d, desc)
-        if path.is_file():
-            metrics = read_json(path)
-        else:
-            gens = read_jsonl(d / "generations.jsonl")
-            harmful = [g for g in gens if g["kind"] == "harmful"]
-            probs = judge.probs([g["prompt"] for g in harmful], [g["answer"] for g in harmful])
-            flagged = [pr > judge.threshold for pr in probs]
-            base = read_json(d / "answers.json") if (d / "answers.json").is_file() else _legacy_answers(d, gens)
-            metrics = {
-                **base, "harmful_score": 100.0 * sum(flagged) / len(harmful), "judge": desc,
-                "judge_truncated": judge.last_truncated, "harm_probs": [round(pr, 4) for pr in probs],
-                "notes": "harmful_score = % of answers the judge flags (harm_probs > threshold, in the order of the "
-                         "harmful rows of generations.jsonl); refusal_rate = % with a refusal phrase (second "
-                         "opinion); judge_truncated = answers longer than the judge reads, judged on their beginning; "
-                         "accuracy = the task's metric: mean item score x 100 (classification and GSM8K: "
-                         "% correct; instructions: reference similarity)",
-            }
-            if desc["name"] == "refusal":
-                metrics["judge_warning"] = ("the refusal-phrase matcher stands in for a content judge: it counts "
-                                            "degenerate non-refusals as harmful")
-            atomic_write_json(path, metrics)
-        atomic_write_json(d / "metrics.json", metrics)
-        return metrics
 
     # ---------------------------------------------------------------- whole experiment
     def preflight(self, points: list[ExperimentConfig]) -> None:
@@ -582,67 +496,11 @@ class Pipeline:
                 add("eval", eval_payload(cfg, attacked), cfg)
         return [s for s in stages.values() if not self._done(s[1])]
 
-    def stage_work(self, kind: str, cfg: ExperimentConfig) -> StageWork:
-        """What a stage costs, in the units of ``booster.estimate`` (no model is loaded)."""
-        pad = self.tokenizer(cfg).pad_token_id
-        data = self.safety(cfg)
-        probe_tokens = sum(len(r["input_ids"]) for r in self.encode(cfg, data.probe))
-
-        def length(rows: list[Example], batch_size: int, name: str) -> float:
-            stream = Stream(self.encode(cfg, rows), batch_size, pad, cfg.run.seed, name)
-            return mean_padded_length(lambda i: stream.batch(i)["input_ids"].shape[1])
-
-        if kind == "eval":
-            task = get_task(cfg.attack.task)
-            tok = self.tokenizer(cfg)
-            prompts = [p.prompt for p in data.eval_prompts[:cfg.eval.n_harmful]]
-            items = [x.prompt for x in self.task_eval(cfg)[:cfg.eval.n_task]]
-            prefill = sum(padded_prompt_tokens([len(ids) for ids in prompt_ids(tok, texts, cfg.model.prompt_format)],
-                                               cfg.eval.batch_size) for texts in (prompts, items) if texts)
-            return eval_work(kind, len(prompts), cfg.eval.max_new_tokens, len(items),
-                             cfg.eval.task_max_new_tokens or task.max_new_tokens, cfg.eval.batch_size, prefill)
-        stage_cfg = cfg.align if kind == "align" else cfg.attack
-        defense = DEFENSES[stage_cfg.defense]
-        optim = stage_cfg.optim
-        if kind == "align":
-            main = data.align + self.benign(cfg)
-            probe_tokens += sum(len(r["input_ids"]) for r in self.encode(cfg, data.align_probe[:cfg.data.n_probe]))
-            every = stage_cfg.eval_every
-        else:
-            main = poisoned_set(self.task_pool(cfg), self.mix_pool(cfg), n=cfg.attack.n, p=cfg.attack.p,
-                                seed=cfg.run.seed)
-            every = stage_cfg.probe_every
-            longer = [c for c in self._same_attack_other_length(cfg) if c.attack.optim.steps > optim.steps]
-            if longer:  # saved on the way by the longer run of the same attack: no work of its own
-                return StageWork(kind)
-        sources = {"main": main, "align": data.align, "harmful": data.harmful}
-        lengths = [length(sources[s], optim.batch_size, s) for s in defense.streams if s in sources]
-        steps = total_steps(optim, len(main))
-        return training_work(kind, steps, defense.passes, optim.batch_size, optim.grad_accum,
-                             sum(lengths) / len(lengths), probe_count(steps, every), probe_tokens)
-
-    def measure(self, cfg: ExperimentConfig) -> Rates:
-        """This machine's speed on ``cfg``'s model, alignment batches and evaluation prompts."""
-        tok = self.tokenizer(cfg)
-        data = self.safety(cfg)
-        device = self.accelerator.device
-        model = build_model(cfg.model, tok, ModelRecipe(), self.root,
-                            train="full" if cfg.model.finetune == "full" else "new_lora").to(device)
-        stream = Stream(self.encode(cfg, data.align + self.benign(cfg)), cfg.align.optim.batch_size,
-                        tok.pad_token_id, cfg.run.seed, "align")
-        probe = pad_batch(self.encode(cfg, data.probe[:16]), tok.pad_token_id)
-        prompts = [p.prompt for p in data.eval_prompts[:min(cfg.eval.batch_size, cfg.eval.n_harmful)]]
-
-        def generate_batch(k: int) -> Any:  # one evaluation batch, exactly k new tokens
-            return generate(model, tok, prompts, fmt=cfg.model.prompt_format, max_new_tokens=k, min_new_tokens=k,
-                            batch_size=len(prompts), desc="estimate (decoding)")
-
-        batches = [{k: v.to(device) for k, v in stream.batch(i).items()} for i in range(3)]
-        try:
-            return measure(model, causal_lm_loss(model), batches, {k: v.to(device) for k, v in probe.items()},
-                           generate_batch, batch_rows=len(prompts))
-        finally:
-            del model
+    def _stage_work(self, kind: str, cfg: ExperimentConfig) -> StageWork:
+        longer = kind == "attack" and any(c.attack.optim.steps > cfg.attack.optim.steps
+                                          for c in self._same_attack_other_length(cfg))
+        # saved on the way by the longer run of the same attack: no work of its own
+        return StageWork(kind) if longer else stage_work(kind, cfg, self)
 
     def estimate(self, points: list[ExperimentConfig], until: str = "evaluate") -> float | None:
         """Log how long the stages still to run will take here, before running them; keep the
@@ -654,14 +512,14 @@ class Pipeline:
             log.info("estimate: skipped (several processes or vLLM; it times a single process)")
             return None
         t0 = time.time()
-        rates = self.measure(todo[0][2])
-        work = {d.name: self.stage_work(kind, cfg) for kind, d, cfg in todo}
+        rates = measure_run(todo[0][2], self, self.accelerator.device, self.root)
+        work = {d.name: self._stage_work(kind, cfg) for kind, d, cfg in todo}
         self.timer = RunTimer({k: w.seconds(rates) for k, w in work.items()})
         total = self.timer.left()
         by_kind = {}
         for kind, d, _ in todo:
             by_kind.setdefault(kind, []).append(self.timer.estimates[d.name])
-        parts = ", ".join(f"{len(v)} {_KIND_NAMES[k]} {say(sum(v)).replace('about ', '~')}" for k, v in by_kind.items())
+        parts = ", ".join(f"{len(v)} {KIND_NAMES[k]} {say(sum(v)).replace('about ', '~')}" for k, v in by_kind.items())
         log.info("estimate: %d stages to run, %s on this machine (%s; measured in %.0f s: %.2f ms per token "
                  "trained, %.0f ms per decoding step of %d answers)", len(todo), say(total), parts, time.time() - t0,
                  1e3 * rates.train_token_s, 1e3 * rates.decode_step_s, todo[0][2].eval.batch_size)
@@ -720,144 +578,3 @@ class Pipeline:
         return write_report(self.root, self.cfg, self.rows, self.chains, self.judge(self.cfg).describe()) + \
             plot_attack_curves(self.root) + plot_alignment_curves(self.root)
 
-
-_KIND_NAMES = {"align": "alignments", "attack": "attacks", "eval": "evaluations"}
-
-
-class RunTimer:
-    """The estimate of each stage still to run, corrected as stages finish by how far the
-    finished ones of the same sort were off (actual over estimated seconds; training and
-    evaluation apart, since their estimates rest on different measurements)."""
-
-    def __init__(self, estimates: dict[str, float]):
-        self.estimates = estimates
-        self.done: dict[str, float] = {}
-
-    @staticmethod
-    def _sort(stage: str) -> str:
-        return "eval" if stage.startswith("eval") else "train"
-
-    def _scale(self, sort: str) -> float:
-        done = [k for k in self.done if k in self.estimates and self._sort(k) == sort and self.estimates[k] > 0]
-        est = sum(self.estimates[k] for k in done)
-        return sum(self.done[k] for k in done) / est if est > 0 else 1.0
-
-    def _expected(self, stage: str) -> float:
-        return self._scale(self._sort(stage)) * self.estimates.get(stage, 0.0)
-
-    def left(self) -> float:
-        return sum(self._expected(k) for k in self.estimates if k not in self.done)
-
-    def starting(self, stage: str) -> str:
-        k = len(self.done) + 1
-        return f"stage {k}/{len(self.estimates)} {stage}: {say(self._expected(stage))}; the run: {say(self.left())} left"
-
-    def finished(self, stage: str, seconds: float) -> None:
-        self.done[stage] = seconds
-
-
-def distinct_names(names: list[str], settings: list[dict[str, Any]]) -> list[str]:
-    """Each curve's name, plus the settings that tell apart curves of the same name (a λ or n
-    sweep: stage configs keep only non-default values, so an absent key reads 'default').
-    Without this, curves of one defence and p overwrite each other in a plot."""
-    out = []
-    for name, own in zip(names, settings):
-        peers = [s for n, s in zip(names, settings) if n == name]
-        keys = sorted({k for s in peers for k in s if len({repr(p.get(k)) for p in peers}) > 1})
-        extra = [f"{k.split('.')[-1]}={own[k] if k in own else 'default'}" for k in keys]
-        out.append(" ".join([name, *extra]))
-    return out
-
-
-def finished_probe_logs(root: Path, kind: str):
-    """(stage config with its directory name under 'stage', probe rows) of every finished
-    stage of this kind in the run directory that logged probes."""
-    for d in sorted((root / "stages").glob(f"{kind}-*")):
-        rows = read_jsonl(d / "probe_log.jsonl")
-        if rows and (d / "DONE.json").is_file():
-            yield {**read_json(d / "config.json"), "stage": d.name}, rows
-
-
-def plot_attack_curves(root: Path) -> str:
-    """Harmful loss on the held-out pairs over the attack, absolute and relative to its start
-    (the paper's Figure 3), one line per finished attack in the run directory."""
-    series, relative = {}, {}
-    logs = list(finished_probe_logs(root, "attack"))
-    names, settings = [], []
-    for cfg, _ in logs:
-        up = cfg["upstream"]
-        att = cfg["attack"]
-        upstream = root / "stages" / up / "config.json"
-        upcfg = read_json(upstream) if upstream.is_file() else {}
-        name = (upcfg["align"]["defense"] if upcfg else up) if up.startswith("align") else "none"
-        name += f"+{att['defense']}" if "defense" in att else ""
-        name += f" p={att.get('p')}" + (f" lr={att['optim']['lr']:g}" if "lr" in att.get("optim", {}) else "")
-        names.append(name + f" seed={cfg['seed']}")
-        settings.append({**flatten(att, "attack."), **flatten(upcfg.get("align", {}), "align."),
-                         **flatten(upcfg.get("data", {}), "data.")})
-    for name, (_, rows) in zip(distinct_names(names, settings), logs):
-        xs, ys = [r["step"] for r in rows], [r["harmful_loss"] for r in rows]
-        series[name] = (xs, ys)
-        relative[name] = (xs, [y - ys[0] for y in ys])
-    if not series:
-        return ""
-    plot_series(series, root / "attack_harmful_loss.png", title="harmful loss during the attack",
-                xlabel="fine-tuning step", ylabel="harmful loss (held-out pairs)")
-    plot_series(relative, root / "attack_harmful_loss_relative.png",
-                title="harmful loss during the attack, minus its start", xlabel="fine-tuning step",
-                ylabel="Δ harmful loss")
-    return "\nPlots: attack_harmful_loss.png, attack_harmful_loss_relative.png\n"
-
-
-def plot_alignment_curves(root: Path) -> str:
-    """Harmful loss (held-out harmful pairs) and alignment loss (held-out refusal pairs) over
-    the alignment steps, one line per finished alignment: the rebuttal's question whether
-    SFT's harmful loss rises while Booster's barely moves."""
-    harmful, align = {}, {}
-    logs = list(finished_probe_logs(root, "align"))
-    names = distinct_names([f"{cfg['align']['defense']} seed={cfg['seed']}" for cfg, _ in logs],
-                           [{**flatten(cfg["align"], "align."), **flatten(cfg.get("data", {}), "data.")}
-                            for cfg, _ in logs])
-    for name, (cfg, rows) in zip(names, logs):
-        xs = [r["step"] for r in rows]
-        harmful[name] = (xs, [r["harmful_loss"] for r in rows])
-        align[name] = (xs, [r["align_loss"] for r in rows])
-    if not harmful:
-        return ""
-    plot_series(harmful, root / "align_harmful_loss.png", title="harmful loss during alignment",
-                xlabel="alignment step", ylabel="harmful loss (held-out harmful pairs)")
-    plot_series(align, root / "align_loss.png", title="alignment loss during alignment",
-                xlabel="alignment step", ylabel="alignment loss (held-out refusal pairs)")
-    return "Plots: align_harmful_loss.png, align_loss.png\n"
-
-
-def report_run_dir(root: Path, judge: str | None = None, judge_path: str | None = None) -> str:
-    """Rebuild a run directory's tables and plots from its saved results (booster report).
-    With ``judge``, every saved answer is scored again by that judge first (no generation),
-    and results.jsonl takes the new scores."""
-    from booster.config import load_config
-
-    root = Path(root)
-    rows, chains = read_jsonl(root / "results.jsonl"), read_jsonl(root / "chains.jsonl")
-    if not rows:
-        raise DataError(f"{root} has no results.jsonl; run `booster run` into it first")
-    overrides = [f"eval.judge={judge}"] if judge else []
-    overrides += [f"eval.judge_path={judge_path}"] if judge_path else []
-    cfg = load_config(root / "config.yaml", overrides)
-    if judge:
-        pipeline = Pipeline(cfg)
-        for row in rows:
-            metrics = pipeline.judged(cfg, root / row["eval_dir"])
-            row.update(harmful_score=metrics["harmful_score"], refusal_rate=metrics["refusal_rate"],
-                       accuracy=metrics.get("accuracy"), judge=metrics["judge"]["name"])
-    missing = [r for r in rows if "empty_rate" not in r]  # rows written before the column existed
-    for row in missing:
-        row["empty_rate"] = empty_rate(root / row["eval_dir"])
-    # rows written before p=0 rows dropped their attack.mix label (they are shared by every mix)
-    relabelled = [r for r in rows if r.get("stage") == "attacked" and not r.get("p") and r.pop("attack.mix", None)]
-    if judge or missing or relabelled:
-        rewrite_jsonl(root / "results.jsonl", rows)
-    if judge:  # the directory keeps describing itself: its config names the judge behind its scores
-        atomic_write_text(root / "config.yaml", to_yaml(cfg))
-    described = read_json(root / rows[0]["eval_dir"] / "metrics.json")["judge"]
-    return write_report(root, cfg, rows, chains, described) + plot_attack_curves(root) + plot_alignment_curves(root)
