@@ -14,7 +14,7 @@ from pathlib import Path
 
 from booster.config import flatten
 from booster.io import read_json
-from booster.pipeline import finished_probe_logs
+from booster.plots import finished_probe_logs
 from pool_runs import parse_labels  # the sibling script (scripts/ is on sys.path when run)
 
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from booster import models
-from booster.estimate import Rates, StageWork, eval_work, padded_prompt_tokens, probe_count, say, training_work
-from booster.pipeline import Pipeline, RunTimer
+from booster.estimate import (Rates, RunTimer, StageWork, eval_work, padded_prompt_tokens, probe_count, say,
+                              training_work)
+from booster.pipeline import Pipeline
+from booster.stages import align_payload, stage_key
 
 
 @pytest.fixture
@@ -68,7 +70,7 @@ def test_auto_stages_are_the_stages_of_the_dtype_they_resolve_to(hardware, data_
         cfg = load_config("demo", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}", *overrides])
         pipe = Pipeline(cfg)
         point = pipe.resolve_dtypes([cfg])[0]
-        return pipe._stage_dir("align", pipe._align_payload(point))[0], pipe
+        return stage_key("align", align_payload(point)), pipe
 
     hardware("native")
     assert key("align.defense=sft")[0] == key("align.defense=sft", "model.dtype=bfloat16")[0] == "align-8ee8a035da"

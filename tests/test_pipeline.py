@@ -143,7 +143,7 @@ def test_benign_mix_control(tiny_cfg):
     from booster.attack import poisoned_set
     from booster.config import ConfigError, load_config
     from booster.data.base import normalise
-    from booster.pipeline import _payloads
+    from booster.stages import payloads
 
     cfg = tiny_cfg("grid={}", "data.benign_tasks=[gsm8k]", "data.n_benign=20", "attack.mix=gsm8k", "attack.p=0.5")
     pipe = Pipeline(cfg)
@@ -157,9 +157,9 @@ def test_benign_mix_control(tiny_cfg):
     assert sum(x.source == "gsm8k" for x in train) == round(cfg.attack.n * cfg.attack.p)
     # p=0 mixes nothing: one stage for every mix; p>0 is a different stage per mix
     at = {m: tiny_cfg("grid={}", f"attack.mix={m}", "attack.p=0.0") for m in ("harmful", "gsm8k")}
-    assert _payloads(at["harmful"])["attack"] == _payloads(at["gsm8k"])["attack"]
-    assert _payloads(cfg)["attack"]["mix"] == "gsm8k"
-    assert "mix" not in _payloads(tiny_cfg("grid={}", "attack.p=0.5"))["attack"], "the default adds nothing to hashes"
+    assert payloads(at["harmful"])["attack"] == payloads(at["gsm8k"])["attack"]
+    assert payloads(cfg)["attack"]["mix"] == "gsm8k"
+    assert "mix" not in payloads(tiny_cfg("grid={}", "attack.p=0.5"))["attack"], "the default adds nothing to hashes"
     for bad, msg in (("attack.mix=sst2", "is the attack's own task"), ("attack.mix=poison", "attack.mix=.poison. is not known")):
         with pytest.raises(ConfigError, match=msg):
             load_config("tiny", [bad])
@@ -255,7 +255,7 @@ def test_report_header_counts_the_items_each_task_was_scored_on(tmp_path):
 
 
 def test_settings_swept_over_decades_plot_on_a_log_axis():
-    from booster.report import log_axis
+    from booster.plots import log_axis
 
     assert log_axis([0.01, 0.1, 1.0]) and log_axis([1.0, 5.0, 25.0]) and log_axis([1e-5, 1e-3])
     assert not log_axis([0.0, 0.05, 0.2]) and not log_axis([100, 200, 400]) and not log_axis([])
@@ -281,7 +281,7 @@ def test_durability_table_reads_steps_to_a_harmful_score_of_50():
 
 
 def test_curve_plots_give_one_colour_per_defence():
-    from booster.report import line_styles
+    from booster.plots import line_styles
 
     names = ["sft p=0.2 seed=0", "booster p=0.0 seed=0", "sft p=0.0 seed=0", "booster p=0.2 seed=0", "none p=0.2 seed=0"]
     styles = line_styles(names)
@@ -310,7 +310,7 @@ def test_answers_side_by_side(tiny_run):
 
 def test_empty_rate_counts_silent_answers_and_reaches_old_runs(tiny_run, tmp_path):
     from booster.io import rewrite_jsonl
-    from booster.pipeline import empty_rate
+    from booster.evaluate.stage import empty_rate
 
     gens = [{"kind": "harmful", "answer": a} for a in ("", "  \n", "Sure: step 1", "I cannot help.")]
     rewrite_jsonl(tmp_path / "generations.jsonl", gens + [{"kind": "task", "answer": ""}])
@@ -325,7 +325,7 @@ def test_empty_rate_counts_silent_answers_and_reaches_old_runs(tiny_run, tmp_pat
 
 
 def test_curves_of_one_defence_and_p_keep_apart_by_their_settings():
-    from booster.pipeline import distinct_names
+    from booster.plots import distinct_names
 
     names = ["booster p=0.2 seed=0"] * 3 + ["sft p=0.2 seed=0"]
     settings = [{"attack.p": 0.2, "align.booster.lam": 1.0}, {"attack.p": 0.2},
@@ -387,12 +387,11 @@ def test_stage_hashes_stay_put_and_only_warmed_up_constant_stages_move(data_dir,
     # the demo's alignments keep the hashes their cached stages and docs/results.md name; an
     # attack that asks for warmup under the constant schedule (ignored before) gets a new one
     from booster.config import load_config
+    from booster.stages import align_payload, stage_key
 
     def key(*overrides):
         cfg = load_config("demo", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}", *overrides])
-        pipe = Pipeline(cfg)
-        payload = pipe._align_payload(cfg)
-        return pipe._stage_dir("align", payload)[0]
+        return stage_key("align", align_payload(cfg))
 
     # float32: the demo's first protocol, which the exp-* configs share; bfloat16: the demo where
     # the CPU has it (model.dtype=auto resolves to one of the two: tests/test_dtype_estimate.py)
@@ -400,9 +399,24 @@ def test_stage_hashes_stay_put_and_only_warmed_up_constant_stages_move(data_dir,
     assert key("align.defense=booster", "model.dtype=float32") == "align-633c0f667f"
     assert key("align.defense=sft", "model.dtype=bfloat16") == "align-8ee8a035da"
     assert key("align.defense=booster", "model.dtype=bfloat16") == "align-80beed07fb"
-    from booster.pipeline import _warmup_fixed
+    # the attack and evaluation built on them, and the base model (values from before the
+    # stage rules left pipeline.py): an attack at p=0 names no mix, a warmed-up one moves
+    from booster.models import ModelRecipe
+    from booster.stages import StageResult, attack_payload, base_key, eval_payload, stage_key, warmup_fixed
 
-    assert _warmup_fixed({"attack": {"optim": {"warmup_steps": 5}}}) and not _warmup_fixed(
+    def chain(*overrides):
+        cfg = load_config("demo", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}", *overrides])
+        attacked = stage_key("attack", attack_payload(cfg, StageResult(key(*overrides), ModelRecipe())))
+        return base_key(cfg), attacked, stage_key("eval", eval_payload(cfg, attacked))
+
+    assert chain("align.defense=booster", "model.dtype=float32", "attack.p=0.1") == (
+        "base-8d06fbc7b4", "attack-0253e90d43", "eval-b4b048c9fd")
+    assert chain("align.defense=sft", "model.dtype=bfloat16", "attack.p=0.0", "attack.mix=gsm8k") == (
+        "base-e6a429756a", "attack-f78785b7ca", "eval-7ffa5a3610")
+    assert chain("align.defense=booster", "attack.defense=lisa", "attack.optim.warmup_steps=3",
+                 "model.dtype=float32")[1:] == ("attack-bc7113f78d", "eval-cf4c51fcb1")
+
+    assert warmup_fixed({"attack": {"optim": {"warmup_steps": 5}}}) and not warmup_fixed(
         {"attack": {"optim": {"warmup_steps": 5, "schedule": "linear"}}})
 
 

@@ -205,24 +205,24 @@ def test_pickle_only_model_is_refused(capsys, tmp_path, data_dir):
 
 
 def test_disk_full_is_one_clear_line_and_keeps_finished_work(capsys, tmp_path, data_dir, monkeypatch):
-    import booster.pipeline as pipeline
+    import booster.evaluate.stage as evaluation
 
     out = tmp_path / "run"
-    real = pipeline.rewrite_jsonl
+    real = evaluation.rewrite_jsonl
 
     def full(path, rows):
         if Path(path).name == "generations.jsonl":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, rows)
 
-    monkeypatch.setattr(pipeline, "rewrite_jsonl", full)
+    monkeypatch.setattr(evaluation, "rewrite_jsonl", full)
     code, err = _run_cli(capsys, "run", "tiny", "grid={}", "align.defense=none", "attack.enabled=false",
                          f"run.out_dir={out}", f"data.dir={data_dir}")
     assert code == 2 and "disk is full" in err and err.startswith("booster: error:")
     partial = list(out.glob("stages/eval-*/generations.partial.jsonl"))
     assert partial and len(read_jsonl(partial[0])) > 0  # the answers generated so far are kept
     assert not list(out.glob("stages/eval-*/DONE.json"))
-    monkeypatch.setattr(pipeline, "rewrite_jsonl", real)
+    monkeypatch.setattr(evaluation, "rewrite_jsonl", real)
     code, _ = _run_cli(capsys, "run", "tiny", "grid={}", "align.defense=none", "attack.enabled=false",
                        f"run.out_dir={out}", f"data.dir={data_dir}")
     assert code == 0 and list(out.glob("stages/eval-*/DONE.json"))

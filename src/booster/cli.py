@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "judge":
             return _judge(args)
         if args.command == "report":
-            from booster.pipeline import report_run_dir
+            from booster.report import report_run_dir
 
             print(report_run_dir(Path(args.run_dir), args.judge, args.judge_path))
             return 0

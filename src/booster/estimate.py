@@ -13,6 +13,9 @@ token through a forward pass) and t_decode (one greedy decoding step of a batch 
 batches and prompts (``measure``: a few training steps, a probe batch, a few decoding steps;
 ~10-30 s on 2 CPU cores). Generation is costed at its full ``max_new_tokens``: an answer that
 ends early (a refusal) costs less, so evaluations of aligned models come in under the estimate.
+
+``stage_work`` and ``measure_run`` read the run's data through ``RunData`` (what the pipeline
+serves); ``RunTimer`` corrects the estimates as stages finish.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -133,3 +137,131 @@ def say(seconds: float) -> str:
     if minutes < 60:
         return f"about {minutes} min"
     return f"about {minutes // 60} h {minutes % 60:02d} min"
+
+
+class RunData(Protocol):
+    """The run's data as the pipeline serves it (loaded once, cached): a stage's cost depends
+    on its examples and their tokenised lengths."""
+
+    def tokenizer(self, cfg: Any) -> Any: ...
+
+    def safety(self, cfg: Any) -> Any: ...
+
+    def encode(self, cfg: Any, examples: list[Any]) -> list[dict[str, list[int]]]: ...
+
+    def benign(self, cfg: Any) -> list[Any]: ...
+
+    def task_pool(self, cfg: Any) -> list[Any]: ...
+
+    def mix_pool(self, cfg: Any) -> list[Any]: ...
+
+    def task_eval(self, cfg: Any) -> list[Any]: ...
+
+
+# Heavy imports stay inside the functions below: the cost model itself needs no torch.
+def stage_work(kind: str, cfg: Any, data: RunData) -> StageWork:
+    """What a stage of ``kind`` (align, attack, eval) of grid point ``cfg`` costs, in the units
+    of ``Rates`` (no model is loaded)."""
+    from booster.attack import poisoned_set
+    from booster.data.tasks import get_task
+    from booster.defenses import DEFENSES
+    from booster.evaluate.generate import prompt_ids
+    from booster.train import Stream, total_steps
+
+    pad = data.tokenizer(cfg).pad_token_id
+    safety = data.safety(cfg)
+    probe_tokens = sum(len(r["input_ids"]) for r in data.encode(cfg, safety.probe))
+
+    def length(rows: list[Any], batch_size: int, name: str) -> float:
+        stream = Stream(data.encode(cfg, rows), batch_size, pad, cfg.run.seed, name)
+        return mean_padded_length(lambda i: stream.batch(i)["input_ids"].shape[1])
+
+    if kind == "eval":
+        task = get_task(cfg.attack.task)
+        tok = data.tokenizer(cfg)
+        prompts = [p.prompt for p in safety.eval_prompts[:cfg.eval.n_harmful]]
+        items = [x.prompt for x in data.task_eval(cfg)[:cfg.eval.n_task]]
+        prefill = sum(padded_prompt_tokens([len(ids) for ids in prompt_ids(tok, texts, cfg.model.prompt_format)],
+                                           cfg.eval.batch_size) for texts in (prompts, items) if texts)
+        return eval_work(kind, len(prompts), cfg.eval.max_new_tokens, len(items),
+                         cfg.eval.task_max_new_tokens or task.max_new_tokens, cfg.eval.batch_size, prefill)
+    stage_cfg = cfg.align if kind == "align" else cfg.attack
+    defense = DEFENSES[stage_cfg.defense]
+    optim = stage_cfg.optim
+    if kind == "align":
+        main = safety.align + data.benign(cfg)
+        probe_tokens += sum(len(r["input_ids"]) for r in data.encode(cfg, safety.align_probe[:cfg.data.n_probe]))
+        every = stage_cfg.eval_every
+    else:
+        main = poisoned_set(data.task_pool(cfg), data.mix_pool(cfg), n=cfg.attack.n, p=cfg.attack.p,
+                            seed=cfg.run.seed)
+        every = stage_cfg.probe_every
+    sources = {"main": main, "align": safety.align, "harmful": safety.harmful}
+    lengths = [length(sources[s], optim.batch_size, s) for s in defense.streams if s in sources]
+    steps = total_steps(optim, len(main))
+    return training_work(kind, steps, defense.passes, optim.batch_size, optim.grad_accum,
+                         sum(lengths) / len(lengths), probe_count(steps, every), probe_tokens)
+
+
+def measure_run(cfg: Any, data: RunData, device: Any, root: Path) -> Rates:
+    """This machine's speed on ``cfg``'s model, alignment batches and evaluation prompts
+    (``measure`` on a fresh model that is thrown away after)."""
+    from booster.evaluate.generate import generate
+    from booster.models import ModelRecipe, build_model
+    from booster.text import pad_batch
+    from booster.train import Stream, causal_lm_loss
+
+    tok = data.tokenizer(cfg)
+    safety = data.safety(cfg)
+    model = build_model(cfg.model, tok, ModelRecipe(), root,
+                        train="full" if cfg.model.finetune == "full" else "new_lora").to(device)
+    stream = Stream(data.encode(cfg, safety.align + data.benign(cfg)), cfg.align.optim.batch_size,
+                    tok.pad_token_id, cfg.run.seed, "align")
+    probe = pad_batch(data.encode(cfg, safety.probe[:16]), tok.pad_token_id)
+    prompts = [p.prompt for p in safety.eval_prompts[:min(cfg.eval.batch_size, cfg.eval.n_harmful)]]
+
+    def generate_batch(k: int) -> Any:  # one evaluation batch, exactly k new tokens
+        return generate(model, tok, prompts, fmt=cfg.model.prompt_format, max_new_tokens=k, min_new_tokens=k,
+                        batch_size=len(prompts), desc="estimate (decoding)")
+
+    batches = [{k: v.to(device) for k, v in stream.batch(i).items()} for i in range(3)]
+    try:
+        return measure(model, causal_lm_loss(model), batches, {k: v.to(device) for k, v in probe.items()},
+                       generate_batch, batch_rows=len(prompts))
+    finally:
+        del model
+
+
+KIND_NAMES = {"align": "alignments", "attack": "attacks", "eval": "evaluations"}
+
+
+class RunTimer:
+    """The estimate of each stage still to run, corrected as stages finish by how far the
+    finished ones of the same sort were off (actual over estimated seconds; training and
+    evaluation apart, since their estimates rest on different measurements)."""
+
+    def __init__(self, estimates: dict[str, float]):
+        self.estimates = estimates
+        self.done: dict[str, float] = {}
+
+    @staticmethod
+    def _sort(stage: str) -> str:
+        return "eval" if stage.startswith("eval") else "train"
+
+    def _scale(self, sort: str) -> float:
+        done = [k for k in self.done if k in self.estimates and self._sort(k) == sort and self.estimates[k] > 0]
+        est = sum(self.estimates[k] for k in done)
+        return sum(self.done[k] for k in done) / est if est > 0 else 1.0
+
+    def _expected(self, stage: str) -> float:
+        return self._scale(self._sort(stage)) * self.estimates.get(stage, 0.0)
+
+    def left(self) -> float:
+        return sum(self._expected(k) for k in self.estimates if k not in self.done)
+
+    def starting(self, stage: str) -> str:
+        k = len(self.done) + 1
+        return f"stage {k}/{len(self.estimates)} {stage}: {say(self._expected(stage))}; the run: {say(self.left())} left"
+
+    def finished(self, stage: str, seconds: float) -> None:
+        self.done[stage] = seconds

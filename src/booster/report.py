@@ -12,12 +12,17 @@ the attack at two step counts or more, and plots of the scores against each swep
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from pathlib import Path
 from typing import Any
 
-from booster.io import atomic_write_text, read_json, write_csv
+from booster.config import load_config, to_yaml, varied_keys
+from booster.data.base import DataError, resolve_data_dir
+from booster.data.tasks import get_task
+from booster.evaluate.judges import judged_path, make_judge
+from booster.evaluate.stage import empty_rate, judged
+from booster.io import atomic_write_text, read_json, read_jsonl, rewrite_jsonl, write_csv
+from booster.plots import log_axis, natural_key, plot_alignment_curves, plot_attack_curves, plot_series
 
 LABELS = ("defense", "stage", "p", "n", "task", "adapter")
 OWN = ("align.defense", "attack.p", "run.seed")
@@ -157,9 +162,6 @@ def _evaluated_counts(root: Path, rows: list[dict[str, Any]], cfg: Any) -> tuple
 
 def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[dict[str, Any]],
                  judge: dict[str, Any]) -> str:
-    from booster.config import varied_keys
-    from booster.data.tasks import get_task
-
     varied = varied_keys(cfg)
     extra = tuple(k for k in varied if k not in OWN)
     n_harmful, tasks = _evaluated_counts(root, rows, cfg)
@@ -262,9 +264,6 @@ def answers_side_by_side(root: Path, rows: list[dict[str, Any]], judge: dict[str
                          extra_labels: tuple[str, ...] = (), n_prompts: int = 8, width: int = 300) -> str:
     """answers.md: the same harmful prompts answered by every evaluated model (lowest seed of each),
     with the judge's verdict, so that a score can be checked against what the models said."""
-    from booster.evaluate.judges import judged_path
-    from booster.io import read_jsonl
-
     models: list[tuple[str, dict[str, tuple[str, bool | None]]]] = []
     for entry, members in _by_labels(rows, extra_labels):
         row = min(members, key=lambda r: r.get("seed") or 0)
@@ -272,8 +271,8 @@ def answers_side_by_side(root: Path, rows: list[dict[str, Any]], judge: dict[str
         if not (d / "generations.jsonl").is_file():  # results copied without their stages
             continue
         harmful = [g for g in read_jsonl(d / "generations.jsonl") if g["kind"] == "harmful"]
-        judged = judged_path(d, judge)
-        probs = read_json(judged)["harm_probs"] if judged.is_file() else [None] * len(harmful)
+        verdicts = judged_path(d, judge)
+        probs = read_json(verdicts)["harm_probs"] if verdicts.is_file() else [None] * len(harmful)
         flags = [None if p is None else p > judge["threshold"] for p in probs]
         labels = {k: v for k, v in entry.items() if v is not None}
         models.append((labels | ({"seed": row["seed"]} if row.get("seed") is not None else {}),
@@ -306,72 +305,31 @@ def answers_side_by_side(root: Path, rows: list[dict[str, Any]], judge: dict[str
     return "\n".join(lines)
 
 
-_NUMBER = re.compile(r"(-?\d+(?:\.\d*)?(?:e[-+]?\d+)?)")
-
-
-def natural_key(name: str) -> list[tuple[int, float, str]]:
-    """Sort key that reads the numbers in a name as numbers: "lr=1e-05" before "lr=0.0002",
-    "seed=2" before "seed=10", which plain string order gets wrong."""
-    return [(0, float(part), "") if i % 2 else (1, 0.0, part) for i, part in enumerate(_NUMBER.split(name))]
-
-
-def line_styles(names: list[str]) -> dict[str, tuple[str, str, str]]:
-    """(colour, line style, marker) per series, in natural order (natural_key): names that share
-    their first word (the defence, in the run plots) share a colour and differ by style, then by
-    marker once the styles run out, so that the eye groups lines by defence rather than by the order
-    the runs finished in, and no two lines of one defence look alike."""
-    styles, markers = ("-", "--", ":", "-."), ("o", "s", "^", "x", "D")
-    colours: dict[str, str] = {}
-    seen: dict[str, int] = {}
-    out = {}
-    for name in sorted(names, key=natural_key):
-        head = name.split(" ", 1)[0]
-        colours.setdefault(head, f"C{len(colours) % 10}")
-        i = seen.get(head, 0)
-        out[name] = (colours[head], styles[i % len(styles)], markers[i // len(styles) % len(markers)])
-        seen[head] = i + 1
-    return out
-
-
-def log_axis(values: list[float]) -> bool:
-    """Settings swept over decades (α 0.01-1, λ 1-25, lr 1e-5-1e-3) read on a log axis; a linear
-    one squeezes the small values together. Ratios from 0 (p) and short ranges (n) stay linear."""
-    return bool(values) and min(values) > 0 and max(values) / min(values) >= 20
-
-
-def plot_series(series: dict[str, tuple[list[float], list[float]]], path: Path, *, title: str, xlabel: str,
-                ylabel: str, logx: bool = False) -> None:
-    """One line per named series of (x, y) points, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    for name, (color, style, marker) in line_styles(list(series)).items():
-        xs, ys = series[name]
-        ax.plot(xs, ys, label=name, color=color, linestyle=style, marker=marker if len(xs) < 30 else None,
-                markersize=3)
-    if logx:
-        ax.set_xscale("log")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def plot_log(rows: list[dict[str, Any]], path: Path, *, title: str, keys: list[str] | None = None) -> None:
-    """Every loss-like column of a training or probe log against the step."""
+def report_run_dir(root: Path, judge: str | None = None, judge_path: str | None = None) -> str:
+    """Rebuild a run directory's tables and plots from its saved results (booster report).
+    With ``judge``, every saved answer is scored again by that judge first (no generation),
+    and results.jsonl takes the new scores."""
+    root = Path(root)
+    rows, chains = read_jsonl(root / "results.jsonl"), read_jsonl(root / "chains.jsonl")
     if not rows:
-        return
-    keys = keys or [k for k in rows[0] if "loss" in k or k == "regulariser"]
-    series = {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r]) for k in keys}
-    plot_series(series, path, title=title, xlabel="step", ylabel="loss")
+        raise DataError(f"{root} has no results.jsonl; run `booster run` into it first")
+    overrides = [f"eval.judge={judge}"] if judge else []
+    overrides += [f"eval.judge_path={judge_path}"] if judge_path else []
+    cfg = load_config(root / "config.yaml", overrides)
+    if judge:
+        scorer = make_judge(cfg.eval.judge, cfg.eval.judge_path, data_dir=resolve_data_dir(cfg.data.dir))
+        for row in rows:
+            metrics = judged(scorer, root / row["eval_dir"])
+            row.update(harmful_score=metrics["harmful_score"], refusal_rate=metrics["refusal_rate"],
+                       accuracy=metrics.get("accuracy"), judge=metrics["judge"]["name"])
+    missing = [r for r in rows if "empty_rate" not in r]  # rows written before the column existed
+    for row in missing:
+        row["empty_rate"] = empty_rate(root / row["eval_dir"])
+    # rows written before p=0 rows dropped their attack.mix label (they are shared by every mix)
+    relabelled = [r for r in rows if r.get("stage") == "attacked" and not r.get("p") and r.pop("attack.mix", None)]
+    if judge or missing or relabelled:
+        rewrite_jsonl(root / "results.jsonl", rows)
+    if judge:  # the directory keeps describing itself: its config names the judge behind its scores
+        atomic_write_text(root / "config.yaml", to_yaml(cfg))
+    described = read_json(root / rows[0]["eval_dir"] / "metrics.json")["judge"]
+    return write_report(root, cfg, rows, chains, described) + plot_attack_curves(root) + plot_alignment_curves(root)
