@@ -296,6 +296,13 @@ class EvalConfig:
     judge_path: str | None = None
     """Judge weights: a built classifier directory (`booster judge train --out DIR`), or for
     beaver_dam a local copy or hub id. Unset: the judge's default."""
+    prompts: str | None = None
+    """Your own harmful prompts: a .txt file (one per line) or .jsonl (a 'prompt' field, optionally
+    a 'source'); the harmful score is also reported per source. Trained stages are reused: only
+    the answers are new. Its content (not its path) decides the evaluation stage."""
+    prompts_mode: str = "replace"
+    """replace: the file's prompts instead of the held-out AdvBench ones; add: the first
+    eval.n_harmful AdvBench prompts, then the file's."""
 
     def __post_init__(self) -> None:
         from booster.evaluate.judges import JUDGES
@@ -308,6 +315,7 @@ class EvalConfig:
         _check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
         _one_of(self.judge, tuple(JUDGES), "eval.judge")
         _one_of(self.engine, ("hf", "vllm"), "eval.engine")
+        _one_of(self.prompts_mode, ("replace", "add"), "eval.prompts_mode")
 
 
 @dataclass

@@ -157,6 +157,8 @@ class RunData(Protocol):
 
     def task_eval(self, cfg: Any) -> list[Any]: ...
 
+    def eval_prompts(self, cfg: Any) -> list[Any]: ...
+
 
 # Heavy imports stay inside the functions below: the cost model itself needs no torch.
 def stage_work(kind: str, cfg: Any, data: RunData) -> StageWork:
@@ -179,7 +181,7 @@ def stage_work(kind: str, cfg: Any, data: RunData) -> StageWork:
     if kind == "eval":
         task = get_task(cfg.attack.task)
         tok = data.tokenizer(cfg)
-        prompts = [p.prompt for p in safety.eval_prompts[:cfg.eval.n_harmful]]
+        prompts = [p.prompt for p in data.eval_prompts(cfg)]
         items = [x.prompt for x in data.task_eval(cfg)[:cfg.eval.n_task]]
         prefill = sum(padded_prompt_tokens([len(ids) for ids in prompt_ids(tok, texts, cfg.model.prompt_format)],
                                            cfg.eval.batch_size) for texts in (prompts, items) if texts)

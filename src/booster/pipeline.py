@@ -32,6 +32,7 @@ from booster.attack import poisoned_set
 from booster.config import ConfigError, ExperimentConfig, expand_grid, flatten, get_dotted, to_dict, to_yaml, varied_keys
 from booster.data import safety
 from booster.data.base import DataError, Example, resolve_data_dir
+from booster.data.prompts import load_prompt_file, seen_in_training
 from booster.data.tasks import get_task
 from booster.defenses import DEFENSES, make_defense
 from booster.distributed import DistributedError, check_supported, gathered_state, make_accelerator
@@ -39,7 +40,7 @@ from booster.estimate import KIND_NAMES, RunTimer, StageWork, measure_run, say, 
 from booster.evaluate.generate import vllm_available
 from booster.evaluate.judges import Judge, make_judge
 from booster.evaluate.probe import loss_probe
-from booster.evaluate.stage import empty_rate, judged, write_answers
+from booster.evaluate.stage import empty_rate, judged, score_by_source, write_answers
 from booster.io import (atomic_dir, atomic_write_json, atomic_write_text, environment_info, file_sha256, read_jsonl,
                         rewrite_jsonl, stable_hash, write_csv)
 from booster.models import DtypeChoice, ModelRecipe, build_model, load_tokenizer, resolve_dtype, save_trained
@@ -136,6 +137,15 @@ class Pipeline:
         pool = self._memo(("pool", cfg.attack.mix, cfg.data.source),
                           lambda: get_task(cfg.attack.mix).pool(self.data_dir, cfg.data.source))
         return pool[:len(pool) // 2]
+
+    def eval_prompts(self, cfg: ExperimentConfig) -> list[Example]:
+        """The harmful prompts an evaluation answers: the first eval.n_harmful held-out ones,
+        and/or the user's file (eval.prompts, eval.prompts_mode)."""
+        held_out = self.safety(cfg).eval_prompts[:cfg.eval.n_harmful]
+        if not cfg.eval.prompts:
+            return held_out
+        own = self._memo(("prompts", cfg.eval.prompts), lambda: load_prompt_file(cfg.eval.prompts))
+        return own if cfg.eval.prompts_mode == "replace" else held_out + own
 
     def task_eval(self, cfg: ExperimentConfig) -> list[Example]:
         return self._memo(("task_eval", cfg.attack.task, cfg.data.source),
@@ -405,6 +415,9 @@ class Pipeline:
         row = {**labels, "harmful_score": metrics["harmful_score"], "refusal_rate": metrics["refusal_rate"],
                "empty_rate": empty_rate(d), "accuracy": metrics.get("accuracy"), "judge": metrics["judge"]["name"],
                "eval_dir": self._rel(d)}
+        by_source = score_by_source(d, metrics)
+        if by_source:
+            row["harmful_score_by_source"] = by_source
         self.rows = [r for r in self.rows if r["eval_dir"] != row["eval_dir"]] + [row]
         return row
 
@@ -412,7 +425,7 @@ class Pipeline:
         started = self._begin(d, payload, cfg)
         log.info("evaluate %s -> %s", upstream.key, d)
         write_answers(cfg, upstream.recipe, self.root, self.accelerator.device, self.tokenizer(cfg),
-                      self.safety(cfg).eval_prompts[:cfg.eval.n_harmful], self.task_eval(cfg)[:cfg.eval.n_task], d,
+                      self.eval_prompts(cfg), self.task_eval(cfg)[:cfg.eval.n_task], d,
                       upstream.key)
         self._finish(d, started)
 
@@ -432,10 +445,16 @@ class Pipeline:
         for cfg in points:
             resolve_source(cfg.model)
             data = self.safety(cfg)
-            if cfg.eval.n_harmful > len(data.eval_prompts):
+            if (not cfg.eval.prompts or cfg.eval.prompts_mode == "add") and cfg.eval.n_harmful > len(data.eval_prompts):
                 raise DataError(f"eval.n_harmful={cfg.eval.n_harmful} but only {len(data.eval_prompts)} held-out "
                                 "harmful prompts exist; lower eval.n_harmful")
             self.task_eval(cfg)
+            if cfg.eval.prompts:
+                prompts = self.eval_prompts(cfg)
+                seen = seen_in_training(prompts, data.align + data.harmful + data.attack_pool)
+                if seen:
+                    log.warning("eval.prompts: %d of the %d prompts of %s are among this run's training prompts; "
+                                "their answers measure memory as much as safety", seen, len(prompts), cfg.eval.prompts)
             if cfg.eval.engine == "vllm" and not (torch.cuda.is_available() and vllm_available()):
                 raise DataError("eval.engine=vllm needs a GPU and the vllm package; use eval.engine=hf here")
             if cfg.attack.task in cfg.data.benign_tasks and cfg.data.n_benign:

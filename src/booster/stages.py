@@ -22,7 +22,8 @@ from typing import Any
 
 from booster.config import ExperimentConfig, to_dict
 from booster.defenses import DEFENSES
-from booster.io import stable_hash
+from booster.data.base import DataError
+from booster.io import file_sha256, stable_hash
 from booster.models import ModelRecipe
 
 STAGE_VERSION = 1
@@ -88,7 +89,20 @@ def payloads(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     return {"model": section(cfg.model), "data": section(cfg.data, drop=("dir",)),
             "align": {"defense": cfg.align.defense, **section(cfg.align, drop=align_drop)},
             "attack": {"p": cfg.attack.p, **section(cfg.attack, drop=attack_drop(cfg))},
-            "eval": section(cfg.eval, drop=("judge", "judge_path"))}
+            "eval": eval_section(cfg)}
+
+
+def eval_section(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The evaluation settings that decide answers; a prompt file by its content, not its path."""
+    out = section(cfg.eval, drop=("judge", "judge_path"))
+    if cfg.eval.prompts:
+        path = Path(cfg.eval.prompts)
+        if not path.is_file():
+            raise DataError(f"eval.prompts: no file {path}; give a .txt or .jsonl file of harmful prompts")
+        out["prompts"] = f"sha256:{file_sha256(path)}"
+    else:
+        out.pop("prompts_mode", None)  # no file: the mode changes no answer
+    return out
 
 
 def base_key(cfg: ExperimentConfig) -> str:

@@ -77,7 +77,7 @@ def write_answers(cfg: ExperimentConfig, recipe: ModelRecipe, root: Path, device
     task = get_task(cfg.attack.task)
     task_answers = answers_for("task", [x.prompt for x in items], cfg.eval.task_max_new_tokens or task.max_new_tokens)
     task_scores = task.scores(task_answers, [x.label for x in items]) if items else []
-    gens = [{"kind": "harmful", "prompt": p.prompt, "answer": a, "refusal": is_refusal(a)}
+    gens = [{"kind": "harmful", "prompt": p.prompt, "answer": a, "refusal": is_refusal(a), "source": p.source}
             for p, a in zip(prompts, harm_answers)]
     gens += [{"kind": "task", "prompt": x.prompt, "answer": a, "gold": x.label, "parsed": task.parse(a),
               "score": round(sc, 4)} for x, a, sc in zip(items, task_answers, task_scores)]
@@ -122,6 +122,19 @@ def judged(judge: Judge, d: Path) -> dict[str, Any]:
         atomic_write_json(path, metrics)
     atomic_write_json(d / "metrics.json", metrics)
     return metrics
+
+
+def score_by_source(eval_dir: Path, metrics: dict[str, Any]) -> dict[str, float]:
+    """The harmful score per prompt source (eval.prompts), when the answers come from more than
+    one; empty otherwise (answers saved before sources were recorded count as one source)."""
+    sources = [g.get("source", "") for g in read_jsonl(Path(eval_dir) / "generations.jsonl") if g["kind"] == "harmful"]
+    if len(set(sources)) < 2:
+        return {}
+    flagged = [pr > metrics["judge"]["threshold"] for pr in metrics["harm_probs"]]
+    out: dict[str, list[bool]] = {}
+    for source, flag in zip(sources, flagged, strict=True):
+        out.setdefault(source, []).append(flag)
+    return {s: round(100.0 * sum(f) / len(f), 2) for s, f in out.items()}
 
 
 def empty_rate(eval_dir: Path) -> float:
