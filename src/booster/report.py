@@ -20,12 +20,12 @@ from booster.config import load_config, to_yaml, varied_keys
 from booster.data.base import DataError, resolve_data_dir
 from booster.data.tasks import get_task
 from booster.evaluate.judges import judged_path, make_judge
-from booster.evaluate.stage import empty_rate, judged
+from booster.evaluate.stage import judged
 from booster.io import atomic_write_text, read_json, read_jsonl, rewrite_jsonl, write_csv
 from booster.plots import log_axis, natural_key, plot_alignment_curves, plot_attack_curves, plot_series
+from booster.results import OWN_COLUMNS, upgrade
 
 LABELS = ("defense", "stage", "p", "n", "task", "adapter")
-OWN = ("align.defense", "attack.p", "run.seed")
 STAGE_ORDER = {"unaligned": 0, "aligned": 1, "attacked": 2}
 
 
@@ -163,7 +163,7 @@ def _evaluated_counts(root: Path, rows: list[dict[str, Any]], cfg: Any) -> tuple
 def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[dict[str, Any]],
                  judge: dict[str, Any]) -> str:
     varied = varied_keys(cfg)
-    extra = tuple(k for k in varied if k not in OWN)
+    extra = tuple(k for k in varied if k not in OWN_COLUMNS)
     n_harmful, tasks = _evaluated_counts(root, rows, cfg)
     fa = ", ".join(f"{METRIC_NAMES.get(get_task(task).metric, get_task(task).metric)} on {task} ({n} items)"
                    for task, n in tasks.items())
@@ -322,12 +322,7 @@ def report_run_dir(root: Path, judge: str | None = None, judge_path: str | None 
             metrics = judged(scorer, root / row["eval_dir"])
             row.update(harmful_score=metrics["harmful_score"], refusal_rate=metrics["refusal_rate"],
                        accuracy=metrics.get("accuracy"), judge=metrics["judge"]["name"])
-    missing = [r for r in rows if "empty_rate" not in r]  # rows written before the column existed
-    for row in missing:
-        row["empty_rate"] = empty_rate(root / row["eval_dir"])
-    # rows written before p=0 rows dropped their attack.mix label (they are shared by every mix)
-    relabelled = [r for r in rows if r.get("stage") == "attacked" and not r.get("p") and r.pop("attack.mix", None)]
-    if judge or missing or relabelled:
+    if upgrade(rows, root) or judge:
         rewrite_jsonl(root / "results.jsonl", rows)
     if judge:  # the directory keeps describing itself: its config names the judge behind its scores
         atomic_write_text(root / "config.yaml", to_yaml(cfg))
