@@ -15,7 +15,7 @@ from pathlib import Path
 from booster.config import flatten
 from booster.io import read_json
 from booster.plots import finished_probe_logs
-from pool_runs import parse_labels  # the sibling script (scripts/ is on sys.path when run)
+from booster.results import parse_labels
 
 
 def _other_settings(align: dict, attack: dict) -> tuple[tuple[str, str], ...]:

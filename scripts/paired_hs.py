@@ -28,7 +28,7 @@ import statistics
 from pathlib import Path
 
 from booster.io import read_json, read_jsonl
-from pool_runs import column, selected  # the sibling script (scripts/ is on sys.path when run)
+from booster.results import column, read_rows, selected
 
 
 def verdicts(eval_dir: Path) -> tuple[list[str], list[bool], str]:
@@ -73,7 +73,7 @@ def collect(run_dirs: list[Path], where: list[list[str]]) -> dict[tuple[str, str
     """{(defence, setting, seed): evaluation directory} over the run directories' result rows."""
     found: dict[tuple[str, str, int], Path] = {}
     for run_dir in run_dirs:
-        for row in read_jsonl(run_dir / "results.jsonl"):
+        for row in read_rows(run_dir):
             if not selected(row, run_dir, where):
                 continue
             key, eval_dir = (row["defense"], column(row), row["seed"]), run_dir / row["eval_dir"]

@@ -17,43 +17,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from booster.io import read_jsonl
-
-
-def parse_labels(specs: list[str]) -> dict[tuple[Path, str], str]:
-    """--label DIR:DEFENCE=NAME options as {(DIR, DEFENCE): NAME}."""
-    labels = {}
-    for spec in specs:
-        target, name = spec.split("=", 1)
-        run_dir, defense = target.rsplit(":", 1)
-        labels[(Path(run_dir), defense)] = name
-    return labels
-
-
-def _base_value(run_dir: Path, key: str):
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    return OmegaConf.select(cfg, key)
-
-
-def _matches(row: dict, run_dir: Path, key: str, value: str) -> bool:
-    got = row[key] if key in row else _base_value(run_dir, key)
-    return str(got) == value or (isinstance(got, (int, float)) and float(got) == float(value))
-
-
-def selected(row: dict, run_dir: Path, where: list[list[str]]) -> bool:
-    """Whether a result row of a defence passes every --where KEY=VALUE. A key the grid did not
-    vary comes from the sweep's config; an aligned row is held only to the keys it has, so an
-    attack setting (p, lr) does not drop the model every attack starts from."""
-    if row["stage"] == "unaligned":
-        return False
-    return all(_matches(row, run_dir, k, v) for k, v in where if row["stage"] == "attacked" or k in row)
-
-
-def column(row: dict) -> str:
-    """The column of a result row: the aligned model, or the attack's harmful ratio."""
-    return "aligned" if row["stage"] == "aligned" else f"p={row['p']}"
+from booster.results import column, parse_labels, read_rows, selected
 
 
 def _fmt(values: list[float]) -> str:
@@ -68,14 +32,14 @@ def main() -> None:
     ap.add_argument("--where", action="append", default=[], help="KEY=VALUE a row must have")
     ap.add_argument("--label", action="append", default=[], help="DIR:DEFENCE=NAME renames a defence of one dir")
     ap.add_argument("--empty", action="store_true",
-                    help="also the share of empty answers to harmful prompts (rows get it from `booster report DIR`)")
+                    help="also the share of empty answers to harmful prompts (older rows: from their saved answers)")
     args = ap.parse_args()
     metrics = {"HS": "harmful_score", "FA": "accuracy"} | ({"empty": "empty_rate"} if args.empty else {})
     labels = parse_labels(args.label)
     where = [x.split("=", 1) for x in args.where]
     cells: dict[tuple, dict[str, dict]] = {}
     for run_dir in args.run_dirs:
-        for row in read_jsonl(run_dir / "results.jsonl"):
+        for row in read_rows(run_dir):
             if not selected(row, run_dir, where):
                 continue
             align, _, attack = row["defense"].partition("+")

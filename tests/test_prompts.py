@@ -67,6 +67,9 @@ def test_own_prompts_reuse_the_trained_stages_and_score_per_source(tiny_cfg, tmp
                if g["source"] == "fraud" and p > 0.5]
     assert row["harmful_score_by_source"]["fraud"] == pytest.approx(100 * len(flagged) / 2)
 
+    assert "HS fraud %" in (second.root / "results.md").read_text()
+    assert "harmful_score.fraud" in (second.root / "results.csv").read_text().splitlines()[0]
+
     # the file's content decides the stage, not its path
     moved = tmp_path / "moved.jsonl"
     moved.write_text(own.read_text())

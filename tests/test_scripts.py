@@ -132,3 +132,19 @@ def test_stage_times_sums_each_kind_and_leaves_snapshots_out(tmp_path):
     assert "| align-a | align | booster | 200 | ? | 10.0 |" in out
     assert "attack: 1 stages, 2.0 min" in out and "eval: 1 stages, 1.5 min" in out
     assert "all stages: 13.5 min" in out and "eval-e" not in out
+
+
+def test_pool_runs_reads_old_rows_through_the_one_reader(tmp_path):
+    # rows written before empty_rate existed get it from their saved answers (booster.results.read_rows),
+    # as `booster report` gives it them; a p=0 row loses the attack.mix label it should never have had
+    rows = [{"defense": "sft", "seed": 0, "p": p, "stage": "attacked", "harmful_score": hs, "accuracy": 90.0,
+             "eval_dir": _eval_stage(tmp_path, f"eval-{p}", ["q0", "q1"], [1, 0]), **extra}
+            for p, hs, extra in ((0.0, 10.0, {"attack.mix": "gsm8k"}), (0.2, 50.0, {}))]
+    (tmp_path / "stages" / "eval-0.2" / "generations.jsonl").write_text(
+        "".join(json.dumps({"kind": "harmful", "prompt": f"q{i}", "answer": a}) + "\n" for i, a in enumerate(("", "x"))))
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "config.yaml").write_text("attack: {mix: harmful}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "pool_runs.py"), str(tmp_path), "--empty",
+                          "--where", "attack.mix=harmful"], capture_output=True, text=True, env=env, check=True).stdout
+    assert "| sft | 1 | 10 | 90 | 0 | 50 | 90 | 50 |" in out, out

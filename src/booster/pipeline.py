@@ -46,6 +46,7 @@ from booster.io import (atomic_dir, atomic_write_json, atomic_write_text, enviro
 from booster.models import DtypeChoice, ModelRecipe, build_model, load_tokenizer, resolve_dtype, save_trained
 from booster.plots import plot_alignment_curves, plot_attack_curves, plot_log
 from booster.report import write_report
+from booster.results import OWN_COLUMNS, ResultRow, result_row
 from booster.stages import (StageResult, align_payload, attack_drop, attack_payload, base_key, eval_payload, is_done,
                             payloads, stage_dir)
 from booster.text import encode_pair
@@ -53,9 +54,6 @@ from booster.tracking import missing_packages, tracked, tracker_names
 from booster.train import Stream, fit, total_steps
 
 log = logging.getLogger("booster")
-
-OWN_COLUMNS = ("align.defense", "attack.p", "run.seed")
-"""Grid keys that have their own column in result rows (defense, p, seed)."""
 
 SAFETY_FILES = ("safety/refusals.json", "safety/harmful_qa.json", "safety/hh_rlhf_harmless_test.jsonl.gz",
                 "safety/advbench.prompt.yaml")
@@ -75,7 +73,7 @@ class Pipeline:
         self.root = Path(cfg.run.out_dir)
         self.data_dir = resolve_data_dir(data_dir or cfg.data.dir)
         self._cache: dict[Any, Any] = {}
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[ResultRow] = []
         self.chains: list[dict[str, Any]] = []
         self.points: list[ExperimentConfig] = []
         """The grid being run: attacks that differ only in length share one training run."""
@@ -402,7 +400,7 @@ class Pipeline:
         self.accelerator.wait_for_everyone()
         return StageResult(key, recipe, d)
 
-    def evaluate(self, cfg: ExperimentConfig, upstream: StageResult, labels: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(self, cfg: ExperimentConfig, upstream: StageResult, labels: dict[str, Any]) -> ResultRow | dict:
         payload = eval_payload(cfg, upstream.key)
         key, d = self._stage_dir("eval", payload)
         # The main process generates and judges; the others wait (a long collective timeout: make_accelerator).
@@ -412,12 +410,7 @@ class Pipeline:
         if not self.main:
             return {}
         metrics = judged(self.judge(cfg), d)
-        row = {**labels, "harmful_score": metrics["harmful_score"], "refusal_rate": metrics["refusal_rate"],
-               "empty_rate": empty_rate(d), "accuracy": metrics.get("accuracy"), "judge": metrics["judge"]["name"],
-               "eval_dir": self._rel(d)}
-        by_source = score_by_source(d, metrics)
-        if by_source:
-            row["harmful_score_by_source"] = by_source
+        row = result_row(labels, metrics, empty_rate(d), self._rel(d), score_by_source(d, metrics))
         self.rows = [r for r in self.rows if r["eval_dir"] != row["eval_dir"]] + [row]
         return row
 

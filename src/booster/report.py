@@ -20,12 +20,12 @@ from booster.config import load_config, to_yaml, varied_keys
 from booster.data.base import DataError, resolve_data_dir
 from booster.data.tasks import get_task
 from booster.evaluate.judges import judged_path, make_judge
-from booster.evaluate.stage import empty_rate, judged
+from booster.evaluate.stage import judged, score_by_source
 from booster.io import atomic_write_text, read_json, read_jsonl, rewrite_jsonl, write_csv
 from booster.plots import log_axis, natural_key, plot_alignment_curves, plot_attack_curves, plot_series
+from booster.results import OWN_COLUMNS, upgrade
 
 LABELS = ("defense", "stage", "p", "n", "task", "adapter")
-OWN = ("align.defense", "attack.p", "run.seed")
 STAGE_ORDER = {"unaligned": 0, "aligned": 1, "attacked": 2}
 
 
@@ -68,6 +68,9 @@ def summarise(rows: list[dict[str, Any]], extra_labels: tuple[str, ...] = ()) ->
         entry = dict(labels)
         entry["seeds"] = len(members)
         entry["HS %"] = _mean_std([m["harmful_score"] for m in members])
+        sources = sorted({k for m in members for k in m.get("harmful_score_by_source", {})})
+        for source in sources:  # eval.prompts from several sources: the score of each
+            entry[f"HS {source} %"] = _mean_std([m.get("harmful_score_by_source", {}).get(source) for m in members])
         entry["refusal %"] = _mean_std([m["refusal_rate"] for m in members])
         if any("empty_rate" in m for m in members):
             entry["empty %"] = _mean_std([m.get("empty_rate") for m in members])
@@ -128,6 +131,13 @@ def controls_table(rows: list[dict[str, Any]], chains: list[dict[str, Any]]) -> 
     return out
 
 
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """A row for the CSV: the per-source scores as columns harmful_score.SOURCE."""
+    by_source = row.get("harmful_score_by_source") or {}
+    out = {k: v for k, v in row.items() if k != "harmful_score_by_source"}
+    return {**out, **{f"harmful_score.{s}": v for s, v in by_source.items()}}
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no results)\n"
@@ -163,7 +173,7 @@ def _evaluated_counts(root: Path, rows: list[dict[str, Any]], cfg: Any) -> tuple
 def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[dict[str, Any]],
                  judge: dict[str, Any]) -> str:
     varied = varied_keys(cfg)
-    extra = tuple(k for k in varied if k not in OWN)
+    extra = tuple(k for k in varied if k not in OWN_COLUMNS)
     n_harmful, tasks = _evaluated_counts(root, rows, cfg)
     fa = ", ".join(f"{METRIC_NAMES.get(get_task(task).metric, get_task(task).metric)} on {task} ({n} items)"
                    for task, n in tasks.items())
@@ -188,7 +198,7 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[
     if plots:
         parts.append("Plots: " + ", ".join(f"`{name}`" for name in plots) + "\n")
     text = "\n".join(parts)
-    write_csv(root / "results.csv", rows)
+    write_csv(root / "results.csv", [_flat(r) for r in rows])
     atomic_write_text(root / "results.md", text)
     atomic_write_text(root / "answers.md", answers_side_by_side(root, rows, judge, extra))
     return text
@@ -322,12 +332,10 @@ def report_run_dir(root: Path, judge: str | None = None, judge_path: str | None 
             metrics = judged(scorer, root / row["eval_dir"])
             row.update(harmful_score=metrics["harmful_score"], refusal_rate=metrics["refusal_rate"],
                        accuracy=metrics.get("accuracy"), judge=metrics["judge"]["name"])
-    missing = [r for r in rows if "empty_rate" not in r]  # rows written before the column existed
-    for row in missing:
-        row["empty_rate"] = empty_rate(root / row["eval_dir"])
-    # rows written before p=0 rows dropped their attack.mix label (they are shared by every mix)
-    relabelled = [r for r in rows if r.get("stage") == "attacked" and not r.get("p") and r.pop("attack.mix", None)]
-    if judge or missing or relabelled:
+            by_source = score_by_source(root / row["eval_dir"], metrics)
+            if by_source:
+                row["harmful_score_by_source"] = by_source
+    if upgrade(rows, root) or judge:
         rewrite_jsonl(root / "results.jsonl", rows)
     if judge:  # the directory keeps describing itself: its config names the judge behind its scores
         atomic_write_text(root / "config.yaml", to_yaml(cfg))
