@@ -6,15 +6,20 @@ Every evaluation answers the same held-out harmful prompts in the same order, so
 defence A and defence B at one seed and one setting (aligned; attacked at each p) form pairs.
 For each setting the table gives both scores per seed, the answers only A's model gets flagged
 for and those only B's model gets flagged for (the discordant pairs: the rest are flagged by
-both or by neither and say nothing about the difference), and, pooled over the seeds:
+both or by neither and say nothing about the difference), and:
 
-- the difference B − A in harmful-score points with a 95% interval from a bootstrap over
-  prompts (each resample draws prompts, keeping all seeds' pairs of a prompt together);
-- the exact two-sided McNemar p-value on the pooled discordant pairs.
+- the difference B − A in harmful-score points (mean over seeds) with a 95% interval that
+  covers seeds and prompts together: a bootstrap that draws seeds, then prompts within each
+  drawn seed (``booster.stats.seed_prompt_interval``);
+- the t interval over the per-seed differences (wider with few seeds: a bootstrap over 3
+  seeds treats them as the whole population);
+- the exact two-sided McNemar p-value on the pooled discordant pairs: it conditions on the
+  trained models (is the difference between *these* models beyond the choice of prompts?),
+  not on whether another seed would give it;
+- the per-seed differences, mean ± std, and the smallest true difference a comparison of
+  this many seeds would detect with 80% power at the 5% level (t-based, from the seed
+  spread; with one seed, from the prompts alone, marked "prompts only").
 
-Both condition on the trained models: they say whether the difference between *these* models
-is beyond what the choice of 100 prompts explains, not whether another seed would give it.
-That seed-to-seed spread is the last column (sample std of the per-seed differences).
 Verdicts are read from each evaluation's metrics.json (harm_probs > the judge's threshold),
 i.e. under the judge the run directory was last reported with (`booster report DIR --judge`).
 """
@@ -23,12 +28,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import statistics
 from pathlib import Path
 
 from booster.io import read_json, read_jsonl
 from booster.results import column, read_rows, selected
+from booster.stats import detectable_difference, prompt_detectable_difference, seed_prompt_interval, seed_t_interval
 
 
 def verdicts(eval_dir: Path) -> tuple[list[str], list[bool], str]:
@@ -55,20 +60,6 @@ def _p(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def bootstrap_ci(pairs: list[list[tuple[bool, bool]]], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of the pooled score difference (B − A, points) over prompts resampled with
-    replacement; ``pairs[i]`` holds prompt i's (A flagged, B flagged) at every seed."""
-    rng = random.Random(seed)
-    n = len(pairs)
-    diffs = []
-    for _ in range(reps):
-        sample = [pairs[rng.randrange(n)] for _ in range(n)]
-        cells = [ab for prompt in sample for ab in prompt]
-        diffs.append(100.0 * sum(b - a for a, b in cells) / len(cells))
-    diffs.sort()
-    return diffs[int(0.025 * reps)], diffs[int(0.975 * reps) - 1]
-
-
 def collect(run_dirs: list[Path], where: list[list[str]]) -> dict[tuple[str, str, int], Path]:
     """{(defence, setting, seed): evaluation directory} over the run directories' result rows."""
     found: dict[tuple[str, str, int], Path] = {}
@@ -87,7 +78,8 @@ def collect(run_dirs: list[Path], where: list[list[str]]) -> dict[tuple[str, str
 def table(found: dict[tuple[str, str, int], Path], a: str, b: str) -> str:
     settings = sorted({s for d, s, _ in found if d in (a, b)}, key=lambda s: (s != "aligned", s))
     head = ["setting", "seeds", f"HS {a} per seed", f"HS {b} per seed", f"only {a} flagged", f"only {b} flagged",
-            f"{b} − {a} pooled [95% CI]", "McNemar p", "per-seed difference, mean ± std"]
+            f"{b} − {a} [95% CI, seeds and prompts]", "[95% t over seeds]", "McNemar p",
+            "per-seed difference, mean ± std", "detectable at 80% power"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     judges = set()
     for setting in settings:
@@ -95,7 +87,7 @@ def table(found: dict[tuple[str, str, int], Path], a: str, b: str) -> str:
                        {s for d, st, s in found if st == setting and d == b})
         if not seeds:
             continue
-        by_prompt: list[list[tuple[bool, bool]]] = []
+        by_seed: list[list[tuple[bool, bool]]] = []
         hs_a, hs_b, per_seed = [], [], []
         only_a = only_b = 0
         prompts: list[str] = []
@@ -106,21 +98,24 @@ def table(found: dict[tuple[str, str, int], Path], a: str, b: str) -> str:
                 raise SystemExit(f"{setting}, seed {seed}: the evaluations answered different prompts")
             prompts = pa
             judges |= {ja, jb}
-            by_prompt = by_prompt or [[] for _ in pa]
-            for i, (x, y) in enumerate(zip(fa, fb)):
-                by_prompt[i].append((x, y))
+            by_seed.append(list(zip(fa, fb)))
             hs_a.append(100.0 * sum(fa) / len(fa))
             hs_b.append(100.0 * sum(fb) / len(fb))
             per_seed.append(hs_b[-1] - hs_a[-1])
             only_a += sum(x and not y for x, y in zip(fa, fb))
             only_b += sum(y and not x for x, y in zip(fa, fb))
-        lo, hi = bootstrap_ci(by_prompt)
-        spread = (f"{statistics.mean(per_seed):+.1f} ± {statistics.stdev(per_seed):.1f}" if len(per_seed) > 1
-                  else f"{per_seed[0]:+.0f}")
+        mean, lo, hi = seed_prompt_interval(by_seed)
+        t = seed_t_interval(per_seed)
+        if len(per_seed) > 1:
+            spread = f"{statistics.mean(per_seed):+.1f} ± {statistics.stdev(per_seed):.1f}"
+            detectable = f"{detectable_difference(per_seed):.1f}"
+        else:
+            spread, detectable = f"{per_seed[0]:+.0f}", f"{prompt_detectable_difference(by_seed[0]):.1f} (prompts only)"
         lines.append("| " + " | ".join([
             setting, str(len(seeds)), ", ".join(f"{v:.0f}" for v in hs_a), ", ".join(f"{v:.0f}" for v in hs_b),
-            str(only_a), str(only_b), f"{statistics.mean(per_seed):+.1f} [{lo:+.1f}, {hi:+.1f}]",
-            _p(mcnemar_p(only_a, only_b)), spread]) + " |")
+            str(only_a), str(only_b), f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]",
+            "–" if t is None else f"[{t[1]:+.1f}, {t[2]:+.1f}]", _p(mcnemar_p(only_a, only_b)), spread,
+            detectable]) + " |")
     if len(judges) > 1:
         lines.append(f"\nWarning: the verdicts come from more than one judge build: {', '.join(sorted(judges))}")
     else:

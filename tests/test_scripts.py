@@ -91,8 +91,11 @@ def test_paired_hs_counts_discordant_pairs_over_seeds(tmp_path):
     assert cells[6].startswith("+30.0 [")
     lo, hi = (float(x) for x in cells[6].split("[")[1].rstrip("]").split(","))
     assert lo <= 30 <= hi and lo < hi
-    assert cells[7] == f"{2 * 9 / 256:.3f}"
-    assert cells[8] == "+30.0 ± 14.1"
+    # per-seed differences +40 and +20: t(0.975, 1) = 12.706, SE = 14.142 / sqrt(2) = 10
+    assert cells[7] == "[-97.1, +157.1]"
+    assert cells[8] == f"{2 * 9 / 256:.3f}"
+    assert cells[9] == "+30.0 ± 14.1"
+    assert cells[10] == f"{(12.7062 + 1.3764) * 10:.1f}"  # t(0.8, 1) = 1.3764
     # a filter no row matches leaves the table empty instead of comparing the wrong runs
     out = _paired(tmp_path, "--where", "attack.optim.lr=1e-3")
     assert not any(line.startswith("| p=") for line in out.stdout.splitlines())
