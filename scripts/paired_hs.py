@@ -31,7 +31,8 @@ import math
 import statistics
 from pathlib import Path
 
-from booster.io import read_json, read_jsonl
+from booster.evaluate.stage import read_generations
+from booster.io import read_json
 from booster.results import column, read_rows, selected
 from booster.stats import detectable_difference, prompt_detectable_difference, seed_prompt_interval, seed_t_interval
 
@@ -40,7 +41,7 @@ def verdicts(eval_dir: Path) -> tuple[list[str], list[bool], str]:
     """Prompts, the judge's verdict per prompt, and the judge's version, for one evaluation."""
     metrics = read_json(eval_dir / "metrics.json")
     judge = metrics["judge"]
-    prompts = [g["prompt"] for g in read_jsonl(eval_dir / "generations.jsonl") if g["kind"] == "harmful"]
+    prompts = [g["prompt"] for g in read_generations(eval_dir) if g["kind"] == "harmful"]
     flags = [p > judge["threshold"] for p in metrics["harm_probs"]]
     if len(flags) != len(prompts):
         raise SystemExit(f"{eval_dir}: {len(flags)} verdicts for {len(prompts)} answers; rerun `booster report`")

@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "AutoModelForCausalLM.from_pretrained.")
     exp.add_argument("stage_dir", help="e.g. runs/demo/stages/align-80beed07fb")
     exp.add_argument("out", help="the directory to write")
+    pub = sub.add_parser("publish", help="Copy a run directory for git: tables, result rows, answers (gzipped), "
+                         "logs; no weights.",
+                         description="Copy a run directory as it goes into git beside a results table: its tables, "
+                                     "plots, config and result rows, every evaluation's answers "
+                                     "(generations.jsonl.gz) and judged scores, each trained stage's logs; no "
+                                     "weights. `booster report OUT --judge NAME` rescores the copy.")
+    pub.add_argument("run_dir", help="a run directory written by booster run / sweep")
+    pub.add_argument("out", help="the directory to write, e.g. docs/results/cpu-demo")
     cfg = sub.add_parser("config", help="Show configs.", description="Show the packaged configs or a resolved one.")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
     cfg_sub.add_parser("list", help="List the packaged configs.")
@@ -162,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             from booster.export import export
 
             print(f"exported to {export(args.stage_dir, args.out)}")
+            return 0
+        if args.command == "publish":
+            from booster.publish import publish
+
+            print(f"published to {publish(Path(args.run_dir), Path(args.out))}")
             return 0
         if args.command == "config":
             from booster.config import packaged_configs, to_yaml

@@ -20,7 +20,7 @@ from booster.config import load_config, to_yaml, varied_keys
 from booster.data.base import DataError, resolve_data_dir
 from booster.data.tasks import get_task
 from booster.evaluate.judges import judged_path, make_judge
-from booster.evaluate.stage import judged, score_by_source
+from booster.evaluate.stage import judged, read_generations, score_by_source
 from booster.io import atomic_write_text, read_json, read_jsonl, rewrite_jsonl, write_csv
 from booster.plots import log_axis, natural_key, plot_alignment_curves, plot_attack_curves, plot_series
 from booster.results import OWN_COLUMNS, upgrade
@@ -280,7 +280,7 @@ def answers_side_by_side(root: Path, rows: list[dict[str, Any]], judge: dict[str
         d = root / row["eval_dir"]
         if not (d / "generations.jsonl").is_file():  # results copied without their stages
             continue
-        harmful = [g for g in read_jsonl(d / "generations.jsonl") if g["kind"] == "harmful"]
+        harmful = [g for g in read_generations(d) if g["kind"] == "harmful"]
         verdicts = judged_path(d, judge)
         probs = read_json(verdicts)["harm_probs"] if verdicts.is_file() else [None] * len(harmful)
         flags = [None if p is None else p > judge["threshold"] for p in probs]

@@ -73,11 +73,11 @@ def upgrade(rows: list[dict[str, Any]], run_dir: Path) -> bool:
       the results were copied without their stages);
     - an attacked row at p = 0 carried ``attack.mix``, although its stage is shared by every mix.
     """
-    from booster.evaluate.stage import empty_rate  # only old rows need it, and it brings the model code
+    from booster.evaluate.stage import empty_rate, generations_path  # only old rows need it, and it brings the model code
 
     changed = False
     for row in rows:
-        gens = Path(run_dir) / row.get("eval_dir", "") / "generations.jsonl"
+        gens = generations_path(Path(run_dir) / row.get("eval_dir", ""))
         if "empty_rate" not in row and gens.is_file():
             row["empty_rate"] = empty_rate(gens.parent)
             changed = True

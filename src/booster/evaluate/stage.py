@@ -16,6 +16,8 @@ Which settings decide an evaluation (and so its directory) is ``booster.stages``
 
 from __future__ import annotations
 
+import gzip
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,26 @@ NOTES = ("harmful_score = % of answers the judge flags (harm_probs > threshold, 
          "accuracy = the task's metric: mean item score x 100 (classification and GSM8K: "
          "% correct; instructions: reference similarity)")
 """What metrics.json's numbers mean, written into every judged file."""
+
+
+GENERATIONS = "generations.jsonl"
+"""Every answer of an evaluation; a published copy holds it gzipped (``GENERATIONS + '.gz'``)."""
+
+
+def generations_path(d: Path) -> Path:
+    """The evaluation's answers file: plain in a run directory, gzipped where published."""
+    plain = Path(d) / GENERATIONS
+    packed = plain.with_name(GENERATIONS + ".gz")
+    return packed if not plain.is_file() and packed.is_file() else plain
+
+
+def read_generations(d: Path) -> list[dict[str, Any]]:
+    """Every answer of evaluation ``d`` (``generations.jsonl`` or its gzipped published copy)."""
+    path = generations_path(d)
+    if path.suffix != ".gz":
+        return read_jsonl(path)
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_answers(cfg: ExperimentConfig, recipe: ModelRecipe, root: Path, device: Any, tok: Any,
@@ -106,7 +128,7 @@ def judged(judge: Judge, d: Path) -> dict[str, Any]:
     if path.is_file():
         metrics = read_json(path)
     else:
-        gens = read_jsonl(d / "generations.jsonl")
+        gens = read_generations(d)
         harmful = [g for g in gens if g["kind"] == "harmful"]
         probs = judge.probs([g["prompt"] for g in harmful], [g["answer"] for g in harmful])
         flagged = [pr > judge.threshold for pr in probs]
@@ -127,7 +149,7 @@ def judged(judge: Judge, d: Path) -> dict[str, Any]:
 def score_by_source(eval_dir: Path, metrics: dict[str, Any]) -> dict[str, float]:
     """The harmful score per prompt source (eval.prompts), when the answers come from more than
     one; empty otherwise (answers saved before sources were recorded count as one source)."""
-    sources = [g.get("source", "") for g in read_jsonl(Path(eval_dir) / "generations.jsonl") if g["kind"] == "harmful"]
+    sources = [g.get("source", "") for g in read_generations(eval_dir) if g["kind"] == "harmful"]
     if len(set(sources)) < 2:
         return {}
     flagged = [pr > metrics["judge"]["threshold"] for pr in metrics["harm_probs"]]
@@ -140,5 +162,5 @@ def score_by_source(eval_dir: Path, metrics: dict[str, Any]) -> dict[str, float]
 def empty_rate(eval_dir: Path) -> float:
     """% of the answers to harmful prompts that are empty: harmless by silence, not by refusal.
     Read from the stage's generations, so runs evaluated before this column existed get it too."""
-    harmful = [g for g in read_jsonl(Path(eval_dir) / "generations.jsonl") if g["kind"] == "harmful"]
+    harmful = [g for g in read_generations(eval_dir) if g["kind"] == "harmful"]
     return 100.0 * sum(not g["answer"].strip() for g in harmful) / len(harmful) if harmful else 0.0

@@ -1,0 +1,64 @@
+"""``booster publish RUN_DIR OUT``: a run directory as it goes into git beside a results table.
+
+Owns what a published copy holds: the run's tables, plots, config and result rows, every
+evaluation's answers (``generations.jsonl.gz``) with the judged scores, and each trained
+stage's logs and curves; no model weights, checkpoints or tracker files. A published copy is
+itself a run directory for ``booster report``: ``booster report OUT --judge NAME`` rescores the
+kept answers with another judge, as the copy is in git, without training anything again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+from booster.data.base import DataError
+from booster.evaluate.stage import GENERATIONS, generations_path
+from booster.io import atomic_dir, read_jsonl
+
+STAGE_FILES = ("config.json", "meta.json", "DONE.json", "recipe.json", "answers.json", "metrics.json",
+               "probe_log.jsonl", "train_set.csv")
+"""Small files kept from every stage; judged-*.json, logs and plots are kept too."""
+STAGE_GLOBS = ("judged-*.json", "*.png", "*_log.csv")
+
+
+def _gzip(src: Path, dst: Path) -> None:
+    # mtime=0: the same answers give the same bytes, so a republished directory diffs clean in git
+    with open(src, "rb") as f_in, open(dst, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f_out:
+        shutil.copyfileobj(f_in, f_out)
+
+
+def publish(root: Path, out: Path) -> Path:
+    """Copy run directory ``root`` to ``out`` (replaced if it exists) as described above."""
+    root, out = Path(root), Path(out)
+    rows = read_jsonl(root / "results.jsonl")
+    if not rows:
+        raise DataError(f"{root} has no results.jsonl; run `booster run` into it first")
+    stages = sorted(d for d in (root / "stages").glob("*-*") if (d / "DONE.json").is_file()
+                    and not d.name.startswith("base"))
+    missing = [r["eval_dir"] for r in rows if not generations_path(root / r["eval_dir"]).is_file()]
+    if missing:
+        raise DataError(f"{root}: no answers in {missing[0]}; publish a run directory with its stages")
+    with atomic_dir(out) as tmp:
+        for f in root.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        for d in stages:
+            dst = tmp / "stages" / d.name
+            dst.mkdir(parents=True)
+            for name in STAGE_FILES:
+                if (d / name).is_file():
+                    shutil.copy2(d / name, dst / name)
+            for pattern in STAGE_GLOBS:
+                for f in d.glob(pattern):
+                    shutil.copy2(f, dst / f.name)
+            if (d / "train_log.jsonl").is_file():
+                _gzip(d / "train_log.jsonl", dst / "train_log.jsonl.gz")
+            gens = generations_path(d)
+            if gens.is_file():
+                if gens.suffix == ".gz":
+                    shutil.copy2(gens, dst / gens.name)
+                else:
+                    _gzip(gens, dst / (GENERATIONS + ".gz"))
+    return out
