@@ -19,8 +19,8 @@ from booster.io import atomic_dir, read_jsonl
 
 STAGE_FILES = ("config.json", "meta.json", "DONE.json", "recipe.json", "answers.json", "metrics.json",
                "probe_log.jsonl", "train_set.csv")
-"""Small files kept from every stage; judged-*.json, logs and plots are kept too."""
-STAGE_GLOBS = ("judged-*.json", "*.png", "*_log.csv")
+"""Small files kept from every stage, with judged-*.json and the logs (the per-stage plots are not: the logs redraw them)."""
+STAGE_GLOBS = ("judged-*.json", "*_log.csv")
 
 
 def _gzip(src: Path, dst: Path) -> None:
