@@ -127,6 +127,8 @@ def _sft_trainer() -> type:
                 return rows
             from datasets import Dataset
 
+            # SFTTrainer's own (private) preparation, the one its train_dataset went through; a TRL
+            # release that changes it fails tests/test_trl.py rather than tokenising h differently
             done = self._prepare_dataset(Dataset.from_list(rows), self.processing_class, self.args, packing=False,
                                          formatting_func=None, dataset_name="harmful")
             return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in done]
