@@ -43,6 +43,13 @@ def test_table_has_controls_and_attacks(tiny_run):
     controls = table.split("## Every evaluated model")[0]
     assert "p=0.0 HS" in controls and "p=0.25 HS" in controls and "aligned HS" in controls
     assert controls.count("| sft |") == 1 and controls.count("| booster |") == 1
+    # Booster against SFT prompt by prompt: one line per setting, the seed-0 scores as in the rows
+    paired = table.split("## booster against SFT, prompt by prompt over shared seeds")[1]
+    score = {(r["defense"], r["stage"], r.get("p")): r["harmful_score"] for r in rows}
+    line = next(x for x in paired.splitlines() if x.startswith("| p=0.25 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:4] == ["1", f"{score[('sft', 'attacked', 0.25)]:.0f}", f"{score[('booster', 'attacked', 0.25)]:.0f}"]
+    assert cells[-1].endswith("(prompts only)")
 
 
 def test_report_command_rebuilds_tables(tiny_run, capsys):

@@ -170,6 +170,30 @@ def _evaluated_counts(root: Path, rows: list[dict[str, Any]], cfg: Any) -> tuple
     return show(harmful), {task: show(ns) for task, ns in tasks.items()}
 
 
+def paired_sections(root: Path, rows: list[dict[str, Any]], extra: tuple[str, ...]) -> list[str]:
+    """Each other alignment defence against SFT, prompt by prompt over shared seeds
+    (``booster.compare``), where the run has both and their answers."""
+    from booster.compare import found_in_rows, paired_table
+
+    defenses = sorted({r["defense"] for r in rows if r.get("stage") != "unaligned"} - {"sft"})
+    if not defenses or not any(r.get("defense") == "sft" for r in rows):
+        return []
+    found = found_in_rows(root, rows, extra)
+    parts = []
+    for b in defenses:
+        try:
+            table = paired_table(found, "sft", b)
+        except (DataError, OSError, KeyError) as e:  # answers or verdicts missing (an old or copied run)
+            parts.append(f"## {b} against SFT, prompt by prompt\n\n(not available: {e})\n")
+            continue
+        if table.count("\n| ") > 1:  # a row beyond the header
+            parts.append(f"## {b} against SFT, prompt by prompt over shared seeds\n\nB − A in harmful-score "
+                         "points: the interval over seeds and prompts together, the t interval over seeds, "
+                         "McNemar's p on the discordant pairs, and the smallest difference this many seeds "
+                         "detect with 80% power (`booster.compare`).\n\n" + table + "\n")
+    return parts
+
+
 def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[dict[str, Any]],
                  judge: dict[str, Any]) -> str:
     varied = varied_keys(cfg)
@@ -194,6 +218,7 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], chains: list[
         parts.append(f"## Durability: fine-tuning steps to a harmful score of {DURABLE_AT:g}\n\n"
                      + markdown_table(durability))
     parts.append("## Every evaluated model\n\n" + markdown_table(summarise(rows, extra)))
+    parts += paired_sections(root, rows, extra)
     plots = plot_scores_against(root, rows, varied)
     if plots:
         parts.append("Plots: " + ", ".join(f"`{name}`" for name in plots) + "\n")
