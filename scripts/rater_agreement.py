@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from booster.evaluate import judge_data
-from booster.evaluate.judge_report import binary_metrics
+from booster.evaluate.judge_metrics import binary_metrics
 
 PACKAGED = (judge_data.HAND_LABELS, "smollm2_hand_labels_rater2.jsonl")
 

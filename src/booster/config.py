@@ -9,7 +9,6 @@ and every error is one line that names the key and the fix.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
@@ -21,20 +20,15 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from booster.checks import ConfigError
+from booster.checks import check as _check
+from booster.checks import one_of as _one_of
+# Each defence's settings live beside it; the stage configs below hold them as sections.
+from booster.defenses.booster import BoosterConfig
+from booster.defenses.lisa import LisaConfig
+from booster.defenses.repnoise import RepNoiseConfig
+from booster.defenses.vaccine import VaccineConfig
 from booster.tracking import tracker_names
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and how to fix it."""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-def _one_of(value: str, allowed: list[str] | tuple[str, ...], key: str) -> None:
-    _check(value in allowed, f"{key}={value!r} is not known; choose one of: {', '.join(allowed)}")
 
 
 @dataclass
@@ -155,51 +149,6 @@ class OptimConfig:
 
 
 @dataclass
-class BoosterConfig:
-    lam: float = 5.0
-    """lambda, weight of the harmful-perturbation regulariser (paper: 5; GSM8K 25 at batch 10)."""
-    alpha: float = 0.1
-    """Step length of the simulated harmful perturbation, in trainable-parameter space (paper: 0.1)."""
-    every: int = 1
-    """Recompute the regulariser's gradient every this many steps and reuse it in between
-    (amortised Booster; 1 = exact Booster, the paper's algorithm)."""
-    low_memory: bool = False
-    """Drop the first harmful gradient during the perturbed pass and recover it from the
-    perturbation applied (float32/float64 parameters): peak memory one weight copy above SFT
-    instead of one copy plus one gradient, at the price of a rounding error <= ulp(w)/(2c)."""
-
-    def __post_init__(self) -> None:
-        _check(self.lam >= 0, f"booster.lam must be >= 0, got {self.lam}")
-        _check(self.alpha > 0, f"booster.alpha must be > 0, got {self.alpha}; it is the perturbation's step length")
-        _check(self.every >= 1, f"booster.every must be >= 1, got {self.every}")
-
-
-@dataclass
-class VaccineConfig:
-    rho: float = 5.0
-    """Radius of the worst-case perturbation of the attention outputs, one global L2 norm over
-    all layers and the whole batch (Booster paper's comparison: 5; Vaccine repository: 2)."""
-
-    def __post_init__(self) -> None:
-        _check(self.rho > 0, f"vaccine.rho must be > 0, got {self.rho}; it is the perturbation radius")
-
-
-@dataclass
-class RepNoiseConfig:
-    alpha: float = 0.1
-    """Weight of the gradient ascent on the harmful loss, -alpha*log(1 + CE) (Booster paper: 0.1;
-    RepNoise repository: 1)."""
-    beta: float = 0.001
-    """Weight of the MMD between harmful representations and Gaussian noise (paper: 0.001)."""
-    logit_lens: bool = True
-    """Ascend the harmful loss read out at every layer (as the official code does), not only at the last."""
-
-    def __post_init__(self) -> None:
-        _check(self.alpha >= 0, f"repnoise.alpha must be >= 0, got {self.alpha}")
-        _check(self.beta >= 0, f"repnoise.beta must be >= 0, got {self.beta}")
-
-
-@dataclass
 class AlignConfig:
     defense: str = "sft"
     """Alignment-stage defence: none (the unaligned model), sft, booster, vaccine, repnoise,
@@ -216,25 +165,6 @@ class AlignConfig:
 
         _one_of(self.defense, ("none", *defense_names("align")), "align.defense")
         _check(self.eval_every >= 0, f"align.eval_every must be >= 0, got {self.eval_every}")
-
-
-@dataclass
-class LisaConfig:
-    rho: float = 0.01
-    """Weight of the proximal term (rho/2)*||w - w_switch||^2 (Booster paper's comparison: 0.01;
-    Lisa paper: 1)."""
-    align_steps: int = 100
-    """Steps on alignment data per cycle (paper: 100)."""
-    finetune_steps: int = 900
-    """Steps on the user's data per cycle (paper: 900)."""
-    proximal_warmup: float = 0.1
-    """Fraction of the steps before the proximal term switches on (the official code's 10%)."""
-
-    def __post_init__(self) -> None:
-        _check(self.rho >= 0, f"lisa.rho must be >= 0, got {self.rho}")
-        _check(self.align_steps >= 0, f"lisa.align_steps must be >= 0, got {self.align_steps}")
-        _check(self.finetune_steps >= 1, f"lisa.finetune_steps must be >= 1, got {self.finetune_steps}")
-        _check(0 <= self.proximal_warmup <= 1, f"lisa.proximal_warmup must be in [0, 1], got {self.proximal_warmup}")
 
 
 @dataclass

@@ -453,15 +453,17 @@ class Pipeline:
             if cfg.attack.task in cfg.data.benign_tasks and cfg.data.n_benign:
                 raise DataError(f"data.benign_tasks contains the attack's task {cfg.attack.task}: alignment would "
                                 "pre-train the user's task; drop it from data.benign_tasks")
-            self.benign(cfg)
+            benign = self.benign(cfg)
+            problems = []  # each defence checks the settings that depend on its stage's length
+            if cfg.align.defense in DEFENSES:
+                steps = total_steps(cfg.align.optim, len(data.align) + len(benign))
+                problems.append(DEFENSES[cfg.align.defense].length_problem(cfg.align, steps))
             if cfg.attack.enabled:
                 poisoned_set(self.task_pool(cfg), self.mix_pool(cfg), n=cfg.attack.n, p=cfg.attack.p, seed=0)
-                if cfg.attack.defense == "lisa":
-                    steps = total_steps(cfg.attack.optim, cfg.attack.n)
-                    if steps <= cfg.attack.lisa.align_steps:
-                        raise DataError(f"attack.lisa.align_steps={cfg.attack.lisa.align_steps} leaves none of the "
-                                        f"{steps} attack steps to the user's data; scale lisa.align_steps and "
-                                        "lisa.finetune_steps to the attack (e.g. 10% / 90%)")
+                steps = total_steps(cfg.attack.optim, cfg.attack.n)
+                problems.append(DEFENSES[cfg.attack.defense].length_problem(cfg.attack, steps))
+            if any(problems):
+                raise DataError(next(p for p in problems if p))
             if cfg.align.defense in DEFENSES and "harmful" in DEFENSES[cfg.align.defense].streams and not data.harmful:
                 raise DataError(f"align.defense={cfg.align.defense} needs harmful pairs; set data.n_harmful >= 1")
         for cfg in {base_key(c): c for c in points}.values():

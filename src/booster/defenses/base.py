@@ -86,14 +86,24 @@ class Defense(ABC):
     """Where it applies: 'align' (safety alignment) and/or 'attack' (user fine-tuning)."""
     passes: ClassVar[int]
     """Forward/backward passes per step, per micro-batch."""
-    config_sections: ClassVar[tuple[str, ...]] = ()
-    """The stage config's sections this defence reads (e.g. 'booster'): they enter the stage hash."""
+    config_sections: ClassVar[dict[str, type]] = {}
+    """The stage config's sections this defence reads, each with its settings dataclass
+    (``{"booster": BoosterConfig}``, defined beside the defence): they enter the stage hash,
+    other defences' sections stay out of it, and each is a field of that class in the
+    config of every stage the defence applies to."""
     streams: ClassVar[tuple[str, ...]] = ("main",)
     """Data streams needed per step: 'main' (the stage's own data: alignment pairs in
     alignment, the user's data in the attack), 'harmful' (harmful pairs), 'align'."""
 
     def __init__(self, stage_cfg: Any = None) -> None:
         self.stage_cfg = stage_cfg
+
+    @classmethod
+    def length_problem(cls, stage_cfg: Any, steps: int) -> str | None:
+        """What is wrong with running this defence for ``steps`` steps under ``stage_cfg``, if
+        anything: the pipeline asks before any stage trains (settings that depend on the
+        stage's length cannot be checked when the config loads)."""
+        return None
 
     def setup(self, ctx: StepContext) -> None:
         """Allocate buffers once, before the first step."""

@@ -12,13 +12,14 @@ Cost: 2 forward/backward passes per step; no extra memory.
 from __future__ import annotations
 
 from booster.defenses.base import Batch, Defense, StepContext, accumulate
+from booster.defenses.booster import BoosterConfig
 
 
 class BoosterNoLastTerm(Defense):
     name = "booster_no_last_term"
     stages = ("align",)
     passes = 2
-    config_sections = ("booster",)
+    config_sections = {"booster": BoosterConfig}
     streams = ("main", "harmful")
 
     def __init__(self, stage_cfg) -> None:

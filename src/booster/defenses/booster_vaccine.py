@@ -12,14 +12,14 @@ weight copy plus Vaccine's per-layer activation perturbation.
 from __future__ import annotations
 
 from booster.defenses.base import Batch, StepContext
-from booster.defenses.booster import Booster
-from booster.defenses.vaccine import perturbed_alignment
+from booster.defenses.booster import Booster, BoosterConfig
+from booster.defenses.vaccine import VaccineConfig, perturbed_alignment
 
 
 class BoosterVaccine(Booster):
     name = "booster_vaccine"
     passes = 4
-    config_sections = ("booster", "vaccine")
+    config_sections = {"booster": BoosterConfig, "vaccine": VaccineConfig}
 
     def __init__(self, stage_cfg) -> None:
         super().__init__(stage_cfg)

@@ -19,16 +19,38 @@ memory: one copy of the trainable weights (the anchor).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from booster.checks import check
 from booster.defenses.base import Batch, Defense, StepContext, accumulate
+
+
+@dataclass
+class LisaConfig:
+    rho: float = 0.01
+    """Weight of the proximal term (rho/2)*||w - w_switch||^2 (Booster paper's comparison: 0.01;
+    Lisa paper: 1)."""
+    align_steps: int = 100
+    """Steps on alignment data per cycle (paper: 100)."""
+    finetune_steps: int = 900
+    """Steps on the user's data per cycle (paper: 900)."""
+    proximal_warmup: float = 0.1
+    """Fraction of the steps before the proximal term switches on (the official code's 10%)."""
+
+    def __post_init__(self) -> None:
+        check(self.rho >= 0, f"lisa.rho must be >= 0, got {self.rho}")
+        check(self.align_steps >= 0, f"lisa.align_steps must be >= 0, got {self.align_steps}")
+        check(self.finetune_steps >= 1, f"lisa.finetune_steps must be >= 1, got {self.finetune_steps}")
+        check(0 <= self.proximal_warmup <= 1, f"lisa.proximal_warmup must be in [0, 1], got {self.proximal_warmup}")
 
 
 class Lisa(Defense):
     name = "lisa"
     stages = ("attack",)
     passes = 1
-    config_sections = ("lisa",)
+    config_sections = {"lisa": LisaConfig}
     streams = ("main", "align")
 
     def __init__(self, stage_cfg) -> None:
@@ -38,10 +60,17 @@ class Lisa(Defense):
         self.warmup = cfg.proximal_warmup
         self._anchor: list[torch.Tensor] = []
 
+    @classmethod
+    def length_problem(cls, stage_cfg, steps: int) -> str | None:
+        if steps and steps <= stage_cfg.lisa.align_steps:
+            return (f"attack.lisa.align_steps={stage_cfg.lisa.align_steps} leaves none of the {steps} attack steps "
+                    "to the user's data; scale lisa.align_steps and lisa.finetune_steps to the attack (e.g. 10% / 90%)")
+        return None
+
     def setup(self, ctx: StepContext) -> None:
-        if ctx.total_steps and ctx.total_steps <= self.a:
-            raise ValueError(f"lisa.align_steps={self.a} leaves none of the {ctx.total_steps} attack steps to the "
-                             "user's data; scale lisa.align_steps and lisa.finetune_steps to the attack (e.g. 10% / 90%)")
+        problem = self.length_problem(self.stage_cfg, ctx.total_steps)
+        if problem:
+            raise ValueError(problem)
         self._anchor = [p.detach().clone() for p in ctx.params]
 
     def phase(self, step: int) -> str:

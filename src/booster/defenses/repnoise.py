@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from booster.checks import check
 from booster.defenses.base import Batch, Defense, StepContext
 from booster.text import IGNORE
 
@@ -50,11 +52,26 @@ def _unwrap(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+@dataclass
+class RepNoiseConfig:
+    alpha: float = 0.1
+    """Weight of the gradient ascent on the harmful loss, -alpha*log(1 + CE) (Booster paper: 0.1;
+    RepNoise repository: 1)."""
+    beta: float = 0.001
+    """Weight of the MMD between harmful representations and Gaussian noise (paper: 0.001)."""
+    logit_lens: bool = True
+    """Ascend the harmful loss read out at every layer (as the official code does), not only at the last."""
+
+    def __post_init__(self) -> None:
+        check(self.alpha >= 0, f"repnoise.alpha must be >= 0, got {self.alpha}")
+        check(self.beta >= 0, f"repnoise.beta must be >= 0, got {self.beta}")
+
+
 class RepNoise(Defense):
     name = "repnoise"
     stages = ("align",)
     passes = 2
-    config_sections = ("repnoise",)
+    config_sections = {"repnoise": RepNoiseConfig}
     streams = ("main", "harmful")
 
     def __init__(self, stage_cfg) -> None:

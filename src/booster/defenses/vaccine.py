@@ -19,10 +19,12 @@ Extra memory: one tensor per layer of the attention output's size (batch × leng
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
+from booster.checks import check
 from booster.defenses.base import Batch, Defense, StepContext, all_reduce_sum
 
 
@@ -88,11 +90,21 @@ def perturbed_alignment(ctx: StepContext, micro_batches: list[Batch], rho: float
     return {"loss": perturbed, "loss_unperturbed": clean, "activation_grad_norm": norm}
 
 
+@dataclass
+class VaccineConfig:
+    rho: float = 5.0
+    """Radius of the worst-case perturbation of the attention outputs, one global L2 norm over
+    all layers and the whole batch (Booster paper's comparison: 5; Vaccine repository: 2)."""
+
+    def __post_init__(self) -> None:
+        check(self.rho > 0, f"vaccine.rho must be > 0, got {self.rho}; it is the perturbation radius")
+
+
 class Vaccine(Defense):
     name = "vaccine"
     stages = ("align",)
     passes = 2
-    config_sections = ("vaccine",)
+    config_sections = {"vaccine": VaccineConfig}
 
     def __init__(self, stage_cfg) -> None:
         super().__init__(stage_cfg)

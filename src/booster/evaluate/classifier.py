@@ -397,7 +397,7 @@ def build(settings: ClassifierSettings | None = None, data_dir: str | Path | Non
         state = model.state_dict()
     state = {k: v.detach().contiguous() for k, v in state.items()}
     from booster.evaluate import judge_data
-    from booster.evaluate.judge_report import metrics_by_kind
+    from booster.evaluate.judge_metrics import metrics_by_kind
 
     scored = time.time()
     probs, truncated = _probs(model, enc, [p.prompt for p in test], [p.answer for p in test], 32)
@@ -429,7 +429,7 @@ def build(settings: ClassifierSettings | None = None, data_dir: str | Path | Non
 
 def _counts(pairs: list[Any]) -> dict[str, list[int]]:
     """Source kind -> [negatives, positives]."""
-    from booster.evaluate.judge_report import kind_of
+    from booster.evaluate.judge_metrics import kind_of
 
     out: dict[str, list[int]] = {}
     for p in pairs:
