@@ -86,19 +86,51 @@ def test_a_plain_loop_gives_the_weights_of_the_projects_own_fit(tmp_path):
             assert torch.equal(p, theirs[name]), name
 
 
+def rows_of(prompts, length=10, seed=3):
+    """Rows of one length whose prompts (masked) take ``prompts[i]`` tokens: unequal answers."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for prompt in prompts:
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
 def test_micro_batches_together_are_one_large_batch():
-    # equal lengths and answer lengths: the mean of the micro-batch losses is the large batch's loss
+    # answers of 8, 7 tokens in the first micro-batch and 2, 1 in the second: weighted by their
+    # tokens, the two give the large batch's token-mean loss and gradient
     model = lora_tiny()
     params = [p for p in model.parameters() if p.requires_grad]
-    align, harmful = rows(4, 0), rows(4, 1)
+    align, harmful = rows_of([2, 3, 8, 9]), rows_of([9, 2, 8, 3], seed=4)
     step = BoosterStep(model)
-    step.backward([pad_batch(align[:2], 0), pad_batch(align[2:], 0)], [pad_batch(harmful[:2], 0), pad_batch(harmful[2:], 0)])
+    small = step.backward([pad_batch(align[:2], 0), pad_batch(align[2:], 0)],
+                          [pad_batch(harmful[:2], 0), pad_batch(harmful[2:], 0)])
     micro = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    step.backward(pad_batch(align, 0), pad_batch(harmful, 0))
+    large = step.backward(pad_batch(align, 0), pad_batch(harmful, 0))
+    assert small["loss"] == pytest.approx(large["loss"], rel=1e-6)
+    assert small["harmful_loss"] == pytest.approx(large["harmful_loss"], rel=1e-6)
     for a, b in zip(micro, (p.grad for p in params)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_micro_batch_without_answer_tokens_adds_nothing():
+    # answers cut away by max_length: the mean over no tokens would be 0/0 (NaN) and abort training
+    model = lora_tiny()
+    params = [p for p in model.parameters() if p.requires_grad]
+    align, harmful = rows_of([2, 3]), rows_of([4, 5], seed=4)
+    empty = pad_batch(rows_of([10, 10], seed=5), 0)
+    step = BoosterStep(model)
+    with_empty = step.backward([pad_batch(align, 0), empty], [empty, pad_batch(harmful, 0)])
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    without = step.backward(pad_batch(align, 0), pad_batch(harmful, 0))
+    assert with_empty == pytest.approx(without, rel=1e-6)
+    for a, p in zip(grads, params):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-8)
 
 
 def test_bfloat16_base_trains_and_restores():

@@ -22,8 +22,10 @@ trainable weights, kept across calls. It is ``booster.defenses.booster.Booster``
 
 Batches are Hugging Face causal-LM batches (``input_ids``, ``attention_mask``, ``labels`` with
 -100 on the prompt) unless ``loss_fn(batch) -> scalar`` says otherwise. Gradient accumulation:
-pass the micro-batches of one optimizer step together, as lists; the loss of the step is the
-mean of the micro-batch losses and ‖∇h‖ is taken over all of them, as for one large batch
+pass the micro-batches of one optimizer step together, as lists; each counts by its answer
+tokens, so the step's loss is the large batch's token mean, and ‖∇h‖ is taken over all of them
+(a micro-batch with no answer tokens adds nothing; with your own loss_fn and no labels the
+micro-batches weigh equally)
 (``backward`` once per micro-batch would perturb each by its own gradient: not Booster's step).
 A PEFT model works as it is (its trainable parameters are the adapters). bf16 works (the norm is
 summed in float32). Several processes (accelerate DDP): pass ``accelerator=``; the gradients are

@@ -121,7 +121,9 @@ class OptimConfig:
     """Examples per micro-batch, per data stream, over all processes together: under
     ``accelerate launch`` with N processes each takes batch_size/N of them (a multiple of N)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step; the defence sees them together (exact large batch)."""
+    """Micro-batches per optimizer step; the defence sees them together. SFT, Booster and Lisa
+    weight each by its answer tokens (one large batch, token for token); Vaccine and RepNoise
+    average the micro-batches' means (defenses/base.py)."""
     steps: int | None = None
     """Optimizer steps. Unset: epochs over the main data stream."""
     epochs: float = 20.0

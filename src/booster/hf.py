@@ -11,9 +11,9 @@ Each optimizer step leaves g = ∇f(w) + λ(∇h(w) − ∇h(w̃)), w̃ = w − 
 loss on the ``train_dataset`` batches, h on batches of ``harmful_dataset``.
 
 - ``gradient_accumulation_steps = k``: the Trainer's k micro-batches are held until the last one
-  of the window arrives and then go to Booster together with k harmful micro-batches: the loss
-  of the step is the mean of the micro-batch losses and ‖∇h‖ is taken over all of them, as one
-  large batch. (The reference implementation's ``training_step`` zeroes the gradients of the
+  of the window arrives and then go to Booster together with k harmful micro-batches, each
+  counted by its answer tokens: the step's loss is the large batch's token mean and ‖∇h‖ is
+  taken over all of them, as one large batch. (The reference implementation's ``training_step`` zeroes the gradients of the
   earlier micro-batches instead; TamperBench's inherits that.)
 - Harmful micro-batch j of optimizer step s is a pure function of (``args.seed``, s·k + j): the
   rows of ``harmful_dataset`` reshuffled every epoch, padded to their longest. A run resumed from

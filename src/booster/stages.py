@@ -127,8 +127,16 @@ def eval_payload(cfg: ExperimentConfig, upstream_key: str) -> dict[str, Any]:
             "task": cfg.attack.task}
 
 
+def accumulation_fixed(payload: dict[str, Any]) -> dict[str, Any]:
+    """Micro-batches were averaged equally before they were weighted by their answer tokens: a
+    stage trained with grad_accum > 1 gets a hash of its own. Others keep theirs."""
+    optims = [payload.get(s, {}).get("optim", {}) for s in ("align", "attack")]
+    return {"accumulation": "token-weighted"} if any(o.get("grad_accum", 1) > 1 for o in optims) else {}
+
+
 def stage_key(kind: str, payload: dict[str, Any]) -> str:
-    return f"{kind}-{stable_hash({'v': STAGE_VERSION, **payload, **warmup_fixed(payload)})}"
+    fixes = {**warmup_fixed(payload), **accumulation_fixed(payload)}
+    return f"{kind}-{stable_hash({'v': STAGE_VERSION, **payload, **fixes})}"
 
 
 def stage_dir(root: Path, kind: str, payload: dict[str, Any]) -> tuple[str, Path]:

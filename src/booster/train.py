@@ -30,9 +30,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from booster.config import OptimConfig
-from booster.defenses.base import Batch, Defense, StepContext
+from booster.defenses.base import LOSS_DENOMINATOR, Batch, Defense, StepContext
 from booster.distributed import check_supported, full_tensor, is_fsdp, mean_over_processes, shard_like
-from booster.io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl, rewrite_jsonl, stable_hash
+from booster.io import append_jsonl, atomic_dir, read_jsonl, rewrite_jsonl, stable_hash
 from booster.models import answer_head, answer_loss
 from booster.text import IGNORE, pad_batch
 from booster.tracking import log_row
@@ -90,12 +90,6 @@ class Stream:
         targets = sum(sum(1 for t in r["labels"][1:] if t != IGNORE) for r in rows)  # the shifted labels
         out[LOSS_DENOMINATOR] = torch.tensor(targets / self.world, dtype=torch.float64)
         return out
-
-
-LOSS_DENOMINATOR = "loss_denominator"
-"""Batch key (several processes only): divide the summed token loss by this, not by the
-local token count. Process r's loss is then world·S_r/N, and the average over processes
-that DDP/FSDP take of its gradient is ∇(S/N): the global micro-batch's token-mean loss."""
 
 
 def causal_lm_loss(model: Any) -> Callable[[Batch], torch.Tensor]:

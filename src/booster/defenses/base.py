@@ -3,8 +3,12 @@
 A defence's ``step`` receives, for each data stream it asked for, the micro-batches of one
 optimizer step. It leaves the combined gradient in ``.grad`` of the trainable parameters
 and returns its metrics; the training loop owns clipping, ``optimizer.step`` and
-``zero_grad``. Because a defence sees all micro-batches of a step together, gradient
-accumulation is an exact large batch for every defence, multi-pass ones included.
+``zero_grad``. A defence sees all micro-batches of a step together, so a multi-pass defence
+(Booster) takes its norm and its perturbation over the whole step. ``accumulate`` weights each
+micro-batch by its answer tokens: k micro-batches are then one batch of k·b rows token for
+token (SFT, Booster, Lisa and the ablation use it). Vaccine and RepNoise average the
+micro-batches' own means instead (their perturbation and loss terms are per micro-batch);
+with unequal answer lengths that is not the large batch's token mean.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from booster.text import IGNORE
+
 Batch = dict[str, torch.Tensor]
+
+LOSS_DENOMINATOR = "loss_denominator"
+"""Batch key (several processes only): divide the summed token loss by this, not by the
+local token count. Process r's loss is then world·S_r/N, and the average over processes
+that DDP/FSDP take of its gradient is ∇(S/N): the global micro-batch's token-mean loss."""
 
 
 @dataclass
@@ -32,21 +43,43 @@ class StepContext:
     total_steps: int = 0
 
 
+def target_tokens(batch: Batch) -> float:
+    """The answer tokens a micro-batch's loss averages over: its shifted labels that are not
+    ignored, or, with several processes, the global micro-batch's count (``loss_denominator``),
+    the same on every process. A batch without labels (a caller's own loss_fn) counts as 1:
+    such micro-batches weigh equally."""
+    denominator = batch.get(LOSS_DENOMINATOR)
+    if denominator is not None:
+        return float(denominator)
+    if "labels" not in batch:
+        return 1.0
+    return float((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def accumulate(ctx: StepContext, micro_batches: list[Batch], weight: float = 1.0) -> float:
-    """Add ``weight * mean_k loss_k`` 's gradient into ``.grad``; return the mean loss.
-    Gradients are synchronised across processes once, on the last micro-batch: that backward
-    averages the whole ``.grad`` over processes (what earlier phases left there, identical on
-    every process, stays as it is), so on return every process holds the global gradient
-    (DDP) or its shard of it (FSDP2)."""
-    k = len(micro_batches)
+    """Add ``weight ·`` the gradient of the step's token-mean loss into ``.grad``; return that loss.
+    Micro-batch j (n_j answer tokens of N in all) counts n_j / N, so k micro-batches are one
+    large batch. One with no answer tokens (its answer cut by max_length) adds nothing: its mean
+    would be 0/0. Gradients are synchronised across processes once, on the last micro-batch
+    that has tokens (the counts are global, so every process skips the same ones): that
+    backward averages the whole ``.grad`` over processes (what earlier phases left there,
+    identical on every process, stays as it is), so on return every process holds the global
+    gradient (DDP) or its shard of it (FSDP2)."""
+    counts = [target_tokens(mb) for mb in micro_batches]
+    n_all = sum(counts)
+    if n_all == 0:
+        return 0.0
+    last = max(j for j, n in enumerate(counts) if n > 0)
     total = 0.0
-    for j, mb in enumerate(micro_batches):
-        sync = contextlib.nullcontext() if j == k - 1 else ctx.accelerator.no_sync(ctx.model)
+    for j, (mb, n) in enumerate(zip(micro_batches, counts)):
+        if n == 0:
+            continue
+        sync = contextlib.nullcontext() if j == last else ctx.accelerator.no_sync(ctx.model)
         with sync:
             loss = ctx.loss(mb)
-            ctx.accelerator.backward(loss * (weight / k))
-        total += loss.detach().float().item()
-    return total / k
+            ctx.accelerator.backward(loss * (weight * n / n_all))
+        total += loss.detach().float().item() * n / n_all
+    return total
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
