@@ -7,6 +7,15 @@ unused alignment pool and the attack pool, disjoint from every AdvBench prompt.
 
     python scripts/judge_generate.py --run runs/cal1 --stage attack-xxxx --n 80 --out gen.jsonl
     python scripts/judge_generate.py --run runs/cal1 --stage base --n 80 --out gen.jsonl
+
+For the labelled corpus (issue 37): ``--stage all`` answers with the base model and every
+finished alignment and attack of the run, each on its own slice of the shuffled pool (stage i
+takes prompts [offset + i·n, offset + (i+1)·n)), every row naming the model kind it came from
+(``kind``: unaligned, or the defence and for attacks p and lr). ``--blind DIR`` then also
+writes what raters see: ``DIR/blind.jsonl`` (id, prompt, answer; shuffled, no model or stage)
+and ``DIR/key.jsonl`` (id -> the full row), so labels are given blind and joined afterwards.
+
+    python scripts/judge_generate.py --run runs/demo --stage all --n 40 --out corpus.jsonl --blind corpus/
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from booster.config import DataConfig, ModelConfig, build_config
+from booster.config import AttackConfig, DataConfig, ModelConfig, build_config
 from booster.data import safety
 from booster.data.base import normalise, resolve_data_dir
 from booster.evaluate.generate import generate
@@ -42,15 +51,45 @@ def training_prompts(data_dir: Path, cfg, seed: int) -> list[str]:
     return prompts
 
 
+def stage_kind(run: Path, stage: str) -> str:
+    """What kind of model a stage holds, for the corpus: unaligned, the alignment defence, or the
+    attack's p and lr on top of the defence it started from."""
+    if stage == "base":
+        return "unaligned"
+    cfg = json.loads((run / "stages" / stage / "config.json").read_text())
+    if stage.startswith("align"):
+        return cfg.get("align", {}).get("defense", "sft")
+    upstream = stage_kind(run, cfg["upstream"]) if (run / "stages" / cfg["upstream"]).is_dir() else cfg["upstream"]
+    attack, default = cfg.get("attack", {}), AttackConfig()  # a stage's config.json omits defaults
+    return (f"{upstream}+attack(p={attack.get('p', default.p)},"
+            f"lr={attack.get('optim', {}).get('lr', default.optim.lr)})")
+
+
+def finished_stages(run: Path) -> list[str]:
+    return ["base"] + sorted(d.name for d in (run / "stages").iterdir()
+                             if d.name.split("-")[0] in ("align", "attack") and (d / "DONE.json").is_file())
+
+
+def write_blind(rows: list[dict], out: Path, seed: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    with open(out / "blind.jsonl", "w", encoding="utf-8") as blind, open(out / "key.jsonl", "w", encoding="utf-8") as key:
+        for new_id, i in enumerate(order):
+            blind.write(json.dumps({"id": new_id, "prompt": rows[i]["prompt"], "answer": rows[i]["answer"]}) + "\n")
+            key.write(json.dumps({"id": new_id, **rows[i]}) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="run directory (its config.yaml names the model)")
-    ap.add_argument("--stage", required=True, help="stage directory name under stages/, or 'base'")
+    ap.add_argument("--stage", required=True, help="stage directory name under stages/, 'base', or 'all'")
     ap.add_argument("--n", type=int, default=80)
     ap.add_argument("--offset", type=int, default=0, help="skip this many prompts of the shuffled pool")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--blind", help="also write DIR/blind.jsonl (shuffled, anonymous) and DIR/key.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -60,15 +99,28 @@ def main() -> None:
     layer = {k: {key: v for key, v in raw[k].items() if key in known[k]} for k in known}
     cfg = build_config([("run config", {**layer, "eval": {"max_new_tokens": raw["eval"]["max_new_tokens"]}})])
     data_dir = resolve_data_dir(cfg.data.dir)
-    prompts = training_prompts(data_dir, cfg, args.seed)[args.offset:args.offset + args.n]
+    pool = training_prompts(data_dir, cfg, args.seed)
     tok = load_tokenizer(cfg.model)
-    recipe = ModelRecipe() if args.stage == "base" else ModelRecipe.load(run / "stages" / args.stage / "recipe.json")
-    model = build_model(cfg.model, tok, recipe, root=run, train=None)
-    answers = generate(model, tok, prompts, fmt=cfg.model.prompt_format, max_new_tokens=cfg.eval.max_new_tokens,
-                       batch_size=16, desc=f"answers {args.stage}")
+    stages = finished_stages(run) if args.stage == "all" else [args.stage]
+    rows = []
+    for i, stage in enumerate(stages):
+        start = args.offset + i * args.n
+        prompts = pool[start:start + args.n]
+        if len(prompts) < args.n:
+            raise SystemExit(f"the pool holds {len(pool)} training-side prompts: {len(stages)} stages x --n {args.n} "
+                             f"from --offset {args.offset} do not fit; lower --n")
+        recipe = ModelRecipe() if stage == "base" else ModelRecipe.load(run / "stages" / stage / "recipe.json")
+        model = build_model(cfg.model, tok, recipe, root=run, train=None)
+        answers = generate(model, tok, prompts, fmt=cfg.model.prompt_format, max_new_tokens=cfg.eval.max_new_tokens,
+                           batch_size=16, desc=f"answers {stage}")
+        kind = stage_kind(run, stage)
+        rows += [{"prompt": p, "answer": a, "stage": stage, "kind": kind, "run": str(run)}
+                 for p, a in zip(prompts, answers)]
     with open(args.out, "w", encoding="utf-8") as f:
-        for p, a in zip(prompts, answers):
-            f.write(json.dumps({"prompt": p, "answer": a, "stage": args.stage}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    if args.blind:
+        write_blind(rows, Path(args.blind), args.seed)
 
 
 if __name__ == "__main__":

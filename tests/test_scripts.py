@@ -151,3 +151,24 @@ def test_pool_runs_reads_old_rows_through_the_one_reader(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "pool_runs.py"), str(tmp_path), "--empty",
                           "--where", "attack.mix=harmful"], capture_output=True, text=True, env=env, check=True).stdout
     assert "| sft | 1 | 10 | 90 | 0 | 50 | 90 | 50 |" in out, out
+
+
+def test_judge_generate_makes_a_blind_corpus_from_every_stage(tiny_cfg, tmp_path):
+    from booster.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_cfg("run.estimate=false", "grid={}", "align.defense=booster"))
+    pipe.run(until="attack")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "judge_generate.py"), "--run", str(pipe.root),
+                          "--stage", "all", "--n", "3", "--out", str(tmp_path / "corpus.jsonl"),
+                          "--blind", str(tmp_path / "blind")], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in rows[::3]]
+    assert kinds == ["unaligned", "booster", "booster+attack(p=0.25,lr=1e-05)"]
+    assert len({r["prompt"] for r in rows}) == 9  # each stage its own prompts
+    blind = [json.loads(x) for x in (tmp_path / "blind" / "blind.jsonl").read_text().splitlines()]
+    key = {r["id"]: r for r in map(json.loads, (tmp_path / "blind" / "key.jsonl").read_text().splitlines())}
+    assert all(set(b) == {"id", "prompt", "answer"} for b in blind)
+    assert sorted((b["prompt"], b["answer"]) for b in blind) == sorted((r["prompt"], r["answer"]) for r in rows)
+    assert all(key[b["id"]]["answer"] == b["answer"] for b in blind)
