@@ -117,7 +117,7 @@ def test_every_task_a_stage_reads_is_hashed(tmp_path, data_dir):
 
     cfg = load_config("tiny", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "attack.task=agnews",
                                "attack.mix=gsm8k", "data.benign_tasks=[instructions]", "data.n_benign=4"])
-    hashes = Pipeline(cfg).data_hashes(cfg)
+    hashes = Pipeline(cfg).data.data_hashes(cfg)
     assert {"agnews/test.csv", "gsm8k/train.jsonl", "gsm8k/test.jsonl", "safety/refusals.json"} <= set(hashes)
     assert any(k.startswith("safety/judge_labels/refusal/") for k in hashes)  # the instructions' source
     assert not any(k.startswith("sst2/") for k in hashes)  # not read by this stage
