@@ -34,7 +34,7 @@ from booster.data.base import resolve_data_dir
 from booster.defenses import make_defense
 from booster.distributed import gathered_state, make_accelerator
 from booster.estimate import RunTimer, StageWork, estimate_run, stage_work
-from booster.evaluate.judges import Judge, make_judge
+from booster.evaluate.judges import Judge, judge_class, make_judge
 from booster.evaluate.probe import loss_probe
 from booster.evaluate.stage import empty_rate, judged, score_by_source, write_answers
 from booster.io import (atomic_dir, atomic_write_json, atomic_write_text, environment_info, read_jsonl, rewrite_jsonl,
@@ -356,11 +356,7 @@ class Pipeline:
         return self.timer.left() if todo and self.timer else None
 
     def judge_missing(self, cfg: ExperimentConfig) -> bool:
-        if cfg.eval.judge != "classifier" or cfg.eval.judge_path:
-            return False
-        from booster.evaluate.classifier import JUDGE_FILE, ClassifierSettings, default_dir
-
-        return not (default_dir(ClassifierSettings(), self.data_dir) / JUDGE_FILE).is_file()
+        return judge_class(cfg.eval.judge).build_pending(cfg.eval.judge_path, self.data_dir)
 
     def _run_point(self, cfg: ExperimentConfig, until: str) -> dict[str, Any] | None:
         grid = {k: get_dotted(cfg, k) for k in varied_keys(self.cfg)}
