@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"published to {publish(Path(args.run_dir), Path(args.out))}")
             return 0
         if args.command == "config":
-            from booster.config import packaged_configs, to_yaml
+            from booster.config import to_yaml
+            from booster.config_sources import packaged_configs
 
             if args.action == "list":
                 for name, path in sorted(packaged_configs().items()):

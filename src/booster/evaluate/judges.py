@@ -3,10 +3,11 @@
 The harmful score of a model is the share of its answers a judge flags (probability above
 the judge's threshold). Every metrics file names the judge, its version and threshold.
 
-Owns the base class, the registry (``JUDGES``: name -> class, imported on first use) and the
-one way to build a judge from the config (``make_judge`` -> ``Judge.from_config``), so a new
-judge is its own file plus one registry line. The phrase-matching ``RefusalJudge`` lives here
-because it needs nothing else.
+Owns the base class and the one way to build a judge from the config (``make_judge`` ->
+``judge_class`` -> ``Judge.from_config``), so a new judge is its own file plus one line in the
+registry, ``booster.names.JUDGES`` (plain data there, so that the config checks judge names
+without importing any judge). The phrase-matching ``RefusalJudge`` lives here because it
+needs nothing else.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from booster.names import JUDGES
 from booster.refusal import REFUSAL_PHRASES, is_refusal
 
 
@@ -71,15 +73,6 @@ class RefusalJudge(Judge):
 
     def probs(self, prompts: list[str], answers: list[str]) -> list[float]:
         return [0.0 if (not a.strip() or is_refusal(a)) else 1.0 for a in answers]
-
-
-JUDGES: dict[str, str | type[Judge]] = {
-    "refusal": "booster.evaluate.judges:RefusalJudge",
-    "classifier": "booster.evaluate.classifier:ClassifierJudge",
-    "beaver_dam": "booster.evaluate.beaver_dam:BeaverDamJudge",
-}
-"""Judge name -> 'module:Class', imported on use (the classifier and beaver_dam pull in torch),
-or a Judge class itself (a judge registered at run time)."""
 
 
 def judge_class(name: str) -> type[Judge]:
