@@ -35,12 +35,12 @@ def main() -> None:
 
     cfg = load_config(args.run_dir / "config.yaml", ["grid={}"])
     pipe = Pipeline(cfg)
-    tok, data = pipe.tokenizer(cfg), pipe.safety(cfg)
+    tok, data = pipe.data.tokenizer(cfg), pipe.data.safety(cfg)
     stage = args.run_dir / "stages" / args.align_stage
     model = build_model(cfg.model, tok, ModelRecipe.load(stage / "recipe.json"), args.run_dir, train="continue")
     params = [p for p in model.parameters() if p.requires_grad]
-    harmful = pad_batch(pipe.encode(cfg, data.harmful[:args.pairs]), tok.pad_token_id)
-    probe = pad_batch(pipe.encode(cfg, data.probe[:args.pairs]), tok.pad_token_id)
+    harmful = pad_batch(pipe.data.encode(cfg, data.harmful[:args.pairs]), tok.pad_token_id)
+    probe = pad_batch(pipe.data.encode(cfg, data.probe[:args.pairs]), tok.pad_token_id)
 
     def loss(batch) -> torch.Tensor:
         return model(**batch, use_cache=False).loss

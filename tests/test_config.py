@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from booster.config import ConfigError, expand_grid, load_config, packaged_configs
+from booster.config import ConfigError, expand_grid, load_config
+from booster.config_sources import packaged_configs
 
 
 @pytest.mark.parametrize("name", sorted(packaged_configs()))

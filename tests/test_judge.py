@@ -90,11 +90,11 @@ def test_label_file_errors_name_the_line(tmp_path):
 @pytest.fixture(scope="module")
 def quick_judge(tmp_path_factory, data_dir):
     """A frozen-encoder classifier trained on 400 pairs (~1 minute on 2 cores)."""
-    from booster.evaluate import classifier
+    from booster.evaluate.classifier_model import ClassifierSettings
+    from booster.evaluate.classifier_train import build
 
     out = tmp_path_factory.mktemp("judge") / "classifier"
-    settings = classifier.ClassifierSettings(mode="frozen", limit=400, test_frac=0.05)
-    classifier.build(settings, data_dir, out=out)
+    build(ClassifierSettings(mode="frozen", limit=400, test_frac=0.05), data_dir, out=out)
     return make_judge("classifier", str(out))
 
 
@@ -121,7 +121,7 @@ def test_classifier_edge_cases_never_crash(quick_judge):
 
 
 def test_classifier_metadata(quick_judge):
-    from booster.evaluate import classifier
+    from booster.evaluate.classifier_train import THRESHOLD_GRID
 
     meta = quick_judge.describe()
     assert meta["name"] == "classifier" and meta["max_tokens"] > 0
@@ -132,13 +132,14 @@ def test_classifier_metadata(quick_judge):
     assert built["heldout"]["metrics"]["all"]["n"] == built["n_test"] and built["n_train"] == 400
     # the threshold was chosen on the held-out split, is stored, and is the one used
     assert meta["threshold"] == built["threshold"] and built["settings"]["threshold"] is None
-    assert built["threshold"] in classifier.THRESHOLD_GRID and "held-out" in built["threshold_rule"]
+    assert built["threshold"] in THRESHOLD_GRID and "held-out" in built["threshold_rule"]
     assert built["heldout"]["metrics"]["all"]["accuracy"] >= built["heldout_at_0.5"]["metrics"]["all"]["accuracy"]
     assert (quick_judge.dir / "model.safetensors").is_file() and (quick_judge.dir / "split.jsonl").is_file()
 
 
 def test_threshold_choice():
-    from booster.evaluate.classifier import ClassifierSettings, choose_threshold
+    from booster.evaluate.classifier_model import ClassifierSettings
+    from booster.evaluate.classifier_train import choose_threshold
 
     # over-confident positives: 0.5 would flag the 0.6 negatives; 0.6 separates perfectly
     labels, probs = [0, 0, 0, 1, 1], [0.1, 0.6, 0.6, 0.8, 0.9]
@@ -160,23 +161,23 @@ def test_stage_kind_never_guesses_p():
 
 
 def test_build_is_cached_by_settings(tmp_path, monkeypatch, data_dir):
-    from booster.evaluate import classifier
+    from booster.evaluate.classifier_model import ClassifierSettings
+    from booster.evaluate.classifier_train import build_key, default_dir
 
     monkeypatch.setenv("BOOSTER_CACHE", str(tmp_path))
-    a = classifier.default_dir(classifier.ClassifierSettings(), data_dir)
-    b = classifier.default_dir(classifier.ClassifierSettings(mode="frozen"), data_dir)
+    a = default_dir(ClassifierSettings(), data_dir)
+    b = default_dir(ClassifierSettings(mode="frozen"), data_dir)
     assert a != b and a.parent == tmp_path / "judges" and a.name.startswith("classifier-")
-    c = classifier.default_dir(classifier.ClassifierSettings(more_labels=True), data_dir)
+    c = default_dir(ClassifierSettings(more_labels=True), data_dir)
     assert c not in (a, b)
     # an option added later keeps the keys of builds made before it (the default's key is in docs)
-    assert classifier.build_key(classifier.ClassifierSettings(more_labels=False), data_dir) == \
-        classifier.build_key(classifier.ClassifierSettings(), data_dir)
+    assert build_key(ClassifierSettings(more_labels=False), data_dir) == build_key(ClassifierSettings(), data_dir)
 
 
 def test_classifier_path_errors(tmp_path):
     with pytest.raises(JudgeError, match="no built classifier judge"):
         make_judge("classifier", str(tmp_path))
-    from booster.evaluate.classifier import settings_from_overrides
+    from booster.evaluate.classifier_model import settings_from_overrides
 
     with pytest.raises(JudgeError, match="unknown classifier setting 'mdoe'"):
         settings_from_overrides(["mdoe=frozen"])
@@ -226,6 +227,47 @@ def test_config_accepts_every_judge(tmp_path):
         assert load_config("tiny", [f"eval.judge={name}"]).eval.judge == name
     with pytest.raises(ConfigError, match="eval.judge='gpt4' is not known; choose one of: refusal, classifier"):
         load_config("tiny", ["eval.judge=gpt4"])
+
+
+def test_a_judge_registered_from_a_test_file_is_built_by_name(monkeypatch, tmp_path):
+    """A new judge is its class and one registry line: make_judge builds it through its own
+    from_config, the config accepts its name, and nothing else names it."""
+    from booster.evaluate import judges
+
+    class Fixed(judges.Judge):
+        name = "fixed"
+
+        def __init__(self, path=None):
+            self.path = path
+
+        @classmethod
+        def from_config(cls, path=None, data_dir=None):
+            return cls(path)
+
+        @property
+        def version(self):
+            return "v1"
+
+        def probs(self, prompts, answers):
+            return [0.25] * len(answers)
+
+    monkeypatch.setitem(judges.JUDGES, Fixed.name, Fixed)  # the registry line
+    judge = make_judge("fixed", str(tmp_path))
+    assert isinstance(judge, Fixed) and judge.path == str(tmp_path) and judge.probs(["q"], ["a"]) == [0.25]
+    assert load_config("tiny", ["eval.judge=fixed"]).eval.judge == "fixed"
+    assert not judges.judge_class("fixed").build_pending(None, tmp_path)
+    with pytest.raises(JudgeError, match="unknown judge 'nope'"):
+        make_judge("nope")
+
+
+def test_only_the_classifier_builds_itself(tmp_path, monkeypatch, data_dir):
+    from booster.evaluate.judges import judge_class
+
+    monkeypatch.setenv("BOOSTER_CACHE", str(tmp_path))  # an empty cache: the default build is missing
+    assert judge_class("classifier").build_pending(None, data_dir)
+    assert not judge_class("classifier").build_pending(str(tmp_path), data_dir)  # a given build is not rebuilt
+    assert not judge_class("refusal").build_pending(None, data_dir)
+    assert not judge_class("beaver_dam").build_pending(None, data_dir)
 
 
 def test_beaver_dam_path_errors(tmp_path):

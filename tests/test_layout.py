@@ -17,7 +17,8 @@ FLOORS = {
     "booster.report": 4,
     "booster.compare": 3,
     "booster.plots": 2, "booster.results": 2, "booster.stages": 2, "booster.estimate": 2, "booster.publish": 2,
-    "booster.evaluate.stage": 1,
+    "booster.preflight": 2,
+    "booster.evaluate.stage": 1, "booster.rundata": 1,
 }
 """Modules above the foundations, by floor; every other module is floor 0. A module imports
 only modules of a lower floor, or of its own floor below 1 (the foundations among themselves)."""

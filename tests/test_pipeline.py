@@ -134,7 +134,7 @@ def test_cli_config_show_and_errors(capsys):
 
 def test_benign_mixing(tiny_cfg, capsys):
     cfg = tiny_cfg("grid={}", "data.benign_tasks=[agnews,gsm8k]", "data.n_benign=5")
-    benign = Pipeline(cfg).benign(cfg)
+    benign = Pipeline(cfg).data.benign(cfg)
     assert [x.source for x in benign] == ["agnews"] * 3 + ["gsm8k"] * 2
     assert main(["run", "tiny", "data.benign_tasks=[sst2]", "data.n_benign=2", f"run.out_dir={cfg.run.out_dir}",
                  f"data.dir={cfg.data.dir}"]) == 2
@@ -154,12 +154,12 @@ def test_benign_mix_control(tiny_cfg):
 
     cfg = tiny_cfg("grid={}", "data.benign_tasks=[gsm8k]", "data.n_benign=20", "attack.mix=gsm8k", "attack.p=0.5")
     pipe = Pipeline(cfg)
-    mix = pipe.mix_pool(cfg)
+    mix = pipe.data.mix_pool(cfg)
     assert mix and {x.source for x in mix} == {"gsm8k"}
-    assert not {normalise(x.prompt) for x in mix} & {normalise(x.prompt) for x in pipe.benign(cfg)}, \
+    assert not {normalise(x.prompt) for x in mix} & {normalise(x.prompt) for x in pipe.data.benign(cfg)}, \
         "the control's samples must not be alignment's benign examples"
-    train = poisoned_set(pipe.task_pool(cfg), mix, n=cfg.attack.n, p=cfg.attack.p, seed=0)
-    harmful = {normalise(x.prompt) for x in pipe.safety(cfg).attack_pool}
+    train = poisoned_set(pipe.data.task_pool(cfg), mix, n=cfg.attack.n, p=cfg.attack.p, seed=0)
+    harmful = {normalise(x.prompt) for x in pipe.data.safety(cfg).attack_pool}
     assert not {normalise(x.prompt) for x in train} & harmful
     assert sum(x.source == "gsm8k" for x in train) == round(cfg.attack.n * cfg.attack.p)
     # p=0 mixes nothing: one stage for every mix; p>0 is a different stage per mix

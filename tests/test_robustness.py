@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from booster.cli import main
+from booster.data.tasks import TASKS
 from booster.io import read_jsonl
 
 # A tiny run slow enough to be caught mid-stage: Booster alignment, an attack, evaluations
@@ -117,7 +118,7 @@ def test_every_task_a_stage_reads_is_hashed(tmp_path, data_dir):
 
     cfg = load_config("tiny", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "attack.task=agnews",
                                "attack.mix=gsm8k", "data.benign_tasks=[instructions]", "data.n_benign=4"])
-    hashes = Pipeline(cfg).data_hashes(cfg)
+    hashes = Pipeline(cfg).data.data_hashes(cfg)
     assert {"agnews/test.csv", "gsm8k/train.jsonl", "gsm8k/test.jsonl", "safety/refusals.json"} <= set(hashes)
     assert any(k.startswith("safety/judge_labels/refusal/") for k in hashes)  # the instructions' source
     assert not any(k.startswith("sst2/") for k in hashes)  # not read by this stage
@@ -237,3 +238,23 @@ def test_trust_remote_code_is_off_by_default():
 def test_vllm_engine_is_refused_without_a_gpu(capsys, tmp_path, data_dir):
     code, err = _run_cli(capsys, "run", "tiny", "eval.engine=vllm", f"run.out_dir={tmp_path}", f"data.dir={data_dir}")
     assert code == 2 and "eval.engine=vllm needs a GPU" in err
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_task_names_its_files_and_every_stage_on_it_hashes_them(task, tmp_path, data_dir):
+    """Each task's own file names (Task.files) reach meta.json's data hashes, whether the task
+    is the attack's, the benign control's or alignment's benign data."""
+    from booster.config import load_config
+    from booster.rundata import DataServer
+
+    files = {str(p.relative_to(data_dir)) for pattern in TASKS[task].files for p in data_dir.glob(pattern)
+             if p.is_file()}
+    assert files and all(list(data_dir.glob(pattern)) for pattern in TASKS[task].files), \
+        f"{task}: a pattern of Task.files matches nothing in the data directory"
+    other = "gsm8k" if task != "gsm8k" else "sst2"
+    for overrides in ([f"attack.task={task}"], [f"attack.task={other}", f"attack.mix={task}"],
+                      [f"attack.task={other}", f"data.benign_tasks=[{task}]", "data.n_benign=2"]):
+        cfg = load_config("tiny", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", *overrides])
+        hashes = DataServer(data_dir).data_hashes(cfg)
+        assert files <= set(hashes), (overrides, files - set(hashes))
+        assert all(len(hashes[f]) == 16 for f in files)

@@ -1,5 +1,6 @@
-"""Adding a defence is one file, one registry line and one test: here all three live in this
-file, and the pipeline trains the defence on the tiny model without any other change."""
+"""Adding a defence is one file, its registry lines (the class in ``DEFENSES``, its name and
+stages in ``booster.names`` for the config's check) and one test: here all live in this file,
+and the pipeline trains the defence on the tiny model without any other change."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from booster import names
 from booster.config import AlignConfig, AttackConfig
 from booster.data.base import DataError
 from booster.defenses import DEFENSES
@@ -35,7 +37,8 @@ class HalfSFT(Defense):
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setitem(DEFENSES, HalfSFT.name, HalfSFT)  # the registry line
+    monkeypatch.setitem(DEFENSES, HalfSFT.name, HalfSFT)  # the registry lines
+    monkeypatch.setitem(names.DEFENSES, HalfSFT.name, HalfSFT.stages)
 
 
 def test_a_defence_registered_from_a_test_file_trains_in_the_pipeline(registered, tiny_cfg):

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = judge_sub.add_parser("eval", help="Report judges' quality: held-out split and hand-label agreement.")
     for p in (train, ev):
         p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
-                       help="classifier settings, e.g. mode=frozen epochs=2 (see booster.evaluate.classifier)")
+                       help="classifier settings, e.g. mode=frozen epochs=2 (see booster.evaluate.classifier_model)")
         p.add_argument("--data-dir", help="data directory (default: $BOOSTER_DATA_DIR or ../shared/data)")
         p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
     train.add_argument("--out", help="build into this directory instead of the cache")
@@ -119,16 +119,17 @@ def _judge(args: argparse.Namespace) -> int:
 
     import torch
 
-    from booster.evaluate import classifier
+    from booster.evaluate.classifier_model import JUDGE_FILE, settings_from_overrides
+    from booster.evaluate.classifier_train import build
 
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("booster").setLevel(logging.INFO)
     logging.getLogger("booster").addHandler(logging.StreamHandler(sys.stderr))
-    settings = classifier.settings_from_overrides(args.settings)
+    settings = settings_from_overrides(args.settings)
     if args.action == "train":
-        target = classifier.build(settings, args.data_dir, out=args.out, force=args.force)
-        meta = json.loads((target / classifier.JUDGE_FILE).read_text())
+        target = build(settings, args.data_dir, out=args.out, force=args.force)
+        meta = json.loads((target / JUDGE_FILE).read_text())
         print(f"classifier judge: {target}")
         print(json.dumps({"n_train": meta["n_train"], "n_test": meta["n_test"], "seconds": meta["seconds"],
                           "threshold": meta["threshold"],
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"published to {publish(Path(args.run_dir), Path(args.out))}")
             return 0
         if args.command == "config":
-            from booster.config import packaged_configs, to_yaml
+            from booster.config import to_yaml
+            from booster.config_sources import packaged_configs
 
             if args.action == "list":
                 for name, path in sorted(packaged_configs().items()):

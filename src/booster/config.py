@@ -2,7 +2,9 @@
 
 A config file only states what differs from the defaults below. Unknown keys and wrong
 types are rejected (OmegaConf structured configs), ranges are checked in ``__post_init__``,
-and every error is one line that names the key and the fix.
+and every error is one line that names the key and the fix. Names (tasks, defences, judges)
+are checked against the plain lists of ``booster.names``; the files and the command line are
+read by ``booster.config_sources``.
 
     cfg = load_config("demo", ["align.optim.lr=1e-3", "grid.attack.p=[0,0.1]"])
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,13 @@ from omegaconf.errors import OmegaConfBaseException
 from booster.checks import ConfigError
 from booster.checks import check as _check
 from booster.checks import one_of as _one_of
+from booster.config_sources import format_omegaconf_error, parse_overrides, read_yaml, resolve_config_path
 # Each defence's settings live beside it; the stage configs below hold them as sections.
 from booster.defenses.booster import BoosterConfig
 from booster.defenses.lisa import LisaConfig
 from booster.defenses.repnoise import RepNoiseConfig
 from booster.defenses.vaccine import VaccineConfig
+from booster.names import JUDGES, TASKS, defense_names
 from booster.tracking import tracker_names
 
 
@@ -101,8 +104,6 @@ class DataConfig:
     """Benign examples mixed into alignment, drawn evenly from data.benign_tasks."""
 
     def __post_init__(self) -> None:
-        from booster.data.tasks import TASKS
-
         _one_of(self.source, ("local", "hub"), "data.source")
         for task in self.benign_tasks:
             _one_of(task, tuple(TASKS), "data.benign_tasks[]")
@@ -163,8 +164,6 @@ class AlignConfig:
     """Measure held-out harmful and alignment loss every this many steps (0: never)."""
 
     def __post_init__(self) -> None:
-        from booster.defenses import defense_names
-
         _one_of(self.defense, ("none", *defense_names("align")), "align.defense")
         _check(self.eval_every >= 0, f"align.eval_every must be >= 0, got {self.eval_every}")
 
@@ -195,9 +194,6 @@ class AttackConfig:
     """Measure the harmful loss on held-out harmful pairs every this many steps (0: never)."""
 
     def __post_init__(self) -> None:
-        from booster.data.tasks import TASKS
-        from booster.defenses import defense_names
-
         _one_of(self.task, tuple(TASKS), "attack.task")
         _one_of(self.adapter, ("single", "merge_new"), "attack.adapter")
         _one_of(self.mix, ("harmful", *TASKS), "attack.mix")
@@ -237,8 +233,6 @@ class EvalConfig:
     eval.n_harmful AdvBench prompts, then the file's."""
 
     def __post_init__(self) -> None:
-        from booster.evaluate.judges import JUDGES
-
         _check(self.n_harmful >= 1, f"eval.n_harmful must be >= 1, got {self.n_harmful}")
         _check(self.n_task >= 0, f"eval.n_task must be >= 0, got {self.n_task}")
         _check(self.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -290,69 +284,6 @@ class ExperimentConfig:
     for sweeps that are a list of chosen settings rather than a full product."""
 
 
-def _format_omegaconf_error(e: OmegaConfBaseException, source: str) -> str:
-    msg = str(e).split("\n")[0].strip()
-    key = getattr(e, "full_key", None)
-    if "not in" in msg and key:
-        return f"{source}: unknown key '{key}'; check its spelling against `booster config show`"
-    return f"{source}: {f'{key}: ' if key else ''}{msg}"
-
-
-def packaged_configs() -> dict[str, Path]:
-    root = resources.files("booster") / "configs"
-    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
-
-
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    known = packaged_configs()
-    if str(name_or_path) in known:
-        return known[str(name_or_path)]
-    raise ConfigError(f"config '{name_or_path}' is neither a file nor a packaged config "
-                      f"({', '.join(sorted(known))})")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: malformed YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config ({e})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of sections (model:, align:, ...), "
-                          f"not {type(data).__name__}")
-    return data
-
-
-def _parse_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[Any]] | None, bool]:
-    """(plain dotted overrides, grid entries, whether the file's grid is cleared by `grid={}`)."""
-    plain, grid, clear = [], {}, False
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value, e.g. align.optim.lr=1e-3")
-        key, value = item.split("=", 1)
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"override '{item}': the value is not valid YAML; quote it or fix it") from None
-        if key == "grid":
-            if parsed not in ({}, None):
-                raise ConfigError("grid=... only clears the grid and the cases (grid={}); set entries with grid.KEY=[...]")
-            clear = True
-        elif key.startswith("grid."):
-            grid[key[5:]] = parsed if isinstance(parsed, list) else [parsed]
-        else:
-            plain.append(item)
-    return plain, grid, clear
-
-
 def build_config(layers: list[tuple[str, dict[str, Any]]]) -> ExperimentConfig:
     """Merge mappings over the defaults, each tagged with where it came from for errors."""
     merged = OmegaConf.structured(ExperimentConfig)
@@ -360,14 +291,14 @@ def build_config(layers: list[tuple[str, dict[str, Any]]]) -> ExperimentConfig:
         try:
             merged = OmegaConf.merge(merged, OmegaConf.create(layer))
         except OmegaConfBaseException as e:
-            raise ConfigError(_format_omegaconf_error(e, source)) from None
+            raise ConfigError(format_omegaconf_error(e, source)) from None
         except (TypeError, ValueError) as e:  # e.g. a list where a section (mapping) belongs
             raise ConfigError(f"{source}: {str(e).splitlines()[0]}; each section (model:, grid:, ...) "
                               "is a mapping of keys") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(_format_omegaconf_error(e, "config")) from None
+        raise ConfigError(format_omegaconf_error(e, "config")) from None
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -384,10 +315,10 @@ def build_config(layers: list[tuple[str, dict[str, Any]]]) -> ExperimentConfig:
 
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     layers: list[tuple[str, dict[str, Any]]] = []
-    plain, grid, clear = _parse_overrides(overrides or [])
+    plain, grid, clear = parse_overrides(overrides or [])
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
-        layer = _read_yaml(path)
+        layer = read_yaml(path)
         if clear:
             layer.pop("grid", None)
             layer.pop("cases", None)
@@ -396,7 +327,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
         try:
             layers.append(("command line", OmegaConf.to_container(OmegaConf.from_dotlist(plain))))
         except OmegaConfBaseException as e:
-            raise ConfigError(_format_omegaconf_error(e, "command line")) from None
+            raise ConfigError(format_omegaconf_error(e, "command line")) from None
     if grid:
         layers.append(("command line", {"grid": grid}))
     return build_config(layers)

@@ -14,18 +14,22 @@ batches and prompts (``measure``: a few training steps, a probe batch, a few dec
 ~10-30 s on 2 CPU cores). Generation is costed at its full ``max_new_tokens``: an answer that
 ends early (a refusal) costs less, so evaluations of aligned models come in under the estimate.
 
-``stage_work`` and ``measure_run`` read the run's data through ``RunData`` (what the pipeline
-serves); ``RunTimer`` corrects the estimates as stages finish.
+``stage_work`` and ``measure_run`` read the run's data through ``RunData`` (what the pipeline's
+``booster.rundata.DataServer`` serves); ``estimate_run`` logs the sums before the first stage;
+``RunTimer`` corrects the estimates as stages finish.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
+
+log = logging.getLogger("booster")
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,7 @@ def measure_run(cfg: Any, data: RunData, device: Any, root: Path) -> Rates:
 KIND_NAMES = {"align": "alignments", "attack": "attacks", "eval": "evaluations"}
 
 
+
 class RunTimer:
     """The estimate of each stage still to run, corrected as stages finish by how far the
     finished ones of the same sort were off (actual over estimated seconds; training and
@@ -267,3 +272,27 @@ class RunTimer:
 
     def finished(self, stage: str, seconds: float) -> None:
         self.done[stage] = seconds
+
+
+def estimate_run(todo: list[tuple[str, Path, Any]], data: RunData, accelerator: Any, root: Path,
+                 work: Callable[[str, Any], StageWork], judge_pending: Callable[[Any], bool]) -> RunTimer | None:
+    """Log how long the stages ``todo`` ((kind, directory, config) each) will take here, before
+    running them, and return their timer; None where a single process cannot time them."""
+    if accelerator.num_processes > 1 or any(c.eval.engine == "vllm" for _, _, c in todo):
+        log.info("estimate: skipped (several processes or vLLM; it times a single process)")
+        return None
+    t0 = time.time()
+    rates = measure_run(todo[0][2], data, accelerator.device, root)
+    timer = RunTimer({d.name: work(kind, cfg).seconds(rates) for kind, d, cfg in todo})
+    total = timer.left()
+    by_kind: dict[str, list[float]] = {}
+    for kind, d, _ in todo:
+        by_kind.setdefault(kind, []).append(timer.estimates[d.name])
+    parts = ", ".join(f"{len(v)} {KIND_NAMES[k]} {say(sum(v)).replace('about ', '~')}" for k, v in by_kind.items())
+    log.info("estimate: %d stages to run, %s on this machine (%s; measured in %.0f s: %.2f ms per token "
+             "trained, %.0f ms per decoding step of %d answers)", len(todo), say(total), parts, time.time() - t0,
+             1e3 * rates.train_token_s, 1e3 * rates.decode_step_s, todo[0][2].eval.batch_size)
+    if judge_pending(todo[0][2]):
+        log.info("estimate: plus the judge's one-time build before the first evaluation (10-15 min on 2 CPU "
+                 "cores)")
+    return timer

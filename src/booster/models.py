@@ -11,9 +11,11 @@ them in order, and the live adapter on top. Every stage saves its recipe, so an 
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import json
+import logging
 import os
 import platform
 import re
@@ -27,6 +29,8 @@ import torch
 from booster.config import ModelConfig
 from booster.io import atomic_dir
 from booster.text import IGNORE
+
+log = logging.getLogger("booster")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "BOOSTER_CACHE"
@@ -211,6 +215,23 @@ def resolve_dtype(requested: str, device_type: str | None = None) -> DtypeChoice
     if requested == "bfloat16":
         return DtypeChoice(requested, "bfloat16", why, emulated=not native and device_type == "cpu")
     return DtypeChoice(requested, "bfloat16" if native else "float32", why)
+
+
+def resolve_dtypes(points: list[Any], seen: dict[str, DtypeChoice]) -> list[Any]:
+    """Copies of the configs ``points`` with model.dtype resolved on this machine, each choice
+    logged the first time ``seen`` (resolved name -> choice, filled here) meets it. Stages are
+    hashed by the dtype they train in, so an auto stage is the stage of the explicit dtype it
+    became, and cached stages of either stay valid."""
+    out = []
+    for cfg in points:
+        choice = resolve_dtype(cfg.model.dtype)
+        if choice.resolved not in seen:
+            (log.warning if choice.emulated else log.info)(choice.message())
+        seen[choice.resolved] = choice
+        cfg = copy.deepcopy(cfg)
+        cfg.model.dtype = choice.resolved
+        out.append(cfg)
+    return out
 
 
 def _dtype(cfg: ModelConfig) -> torch.dtype:

@@ -6,9 +6,10 @@ every attack on it, and a rerun skips every stage whose ``DONE.json`` exists. A 
 directory is self-describing: its config, the versions and data hashes it ran with, its
 logs, plots and outputs.
 
-The pipeline conducts: it serves the run's data, trains the alignment and the attack, and
-hands evaluation to ``booster.evaluate.stage``, the time estimate to ``booster.estimate``,
-tables to ``booster.report`` and curves to ``booster.plots``.
+The pipeline conducts: it trains the alignment and the attack on the data its
+``booster.rundata.DataServer`` serves, and hands the checks before training to
+``booster.preflight``, evaluation to ``booster.evaluate.stage``, the time estimate to
+``booster.estimate``, tables to ``booster.report`` and curves to ``booster.plots``.
 
 Under ``accelerate launch`` every process runs the pipeline: all of them train (DDP or
 FSDP2), only the main process writes files and evaluates, and the others wait at a barrier
@@ -17,7 +18,6 @@ after each stage, so that every process agrees on which stages are done.
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import time
@@ -29,35 +29,28 @@ from typing import Any
 import torch
 
 from booster.attack import poisoned_set
-from booster.config import ConfigError, ExperimentConfig, expand_grid, flatten, get_dotted, to_dict, to_yaml, varied_keys
-from booster.data import safety
-from booster.data.base import DataError, Example, resolve_data_dir
-from booster.data.prompts import load_prompt_file, seen_in_training
-from booster.data.tasks import get_task
-from booster.defenses import DEFENSES, make_defense
-from booster.distributed import DistributedError, check_supported, gathered_state, make_accelerator
-from booster.estimate import KIND_NAMES, RunTimer, StageWork, measure_run, say, stage_work
-from booster.evaluate.generate import vllm_available
-from booster.evaluate.judges import Judge, make_judge
+from booster.config import ExperimentConfig, expand_grid, flatten, get_dotted, to_yaml, varied_keys
+from booster.data.base import resolve_data_dir
+from booster.defenses import make_defense
+from booster.distributed import gathered_state, make_accelerator
+from booster.estimate import RunTimer, StageWork, estimate_run, stage_work
+from booster.evaluate.judges import Judge, judge_class, make_judge
 from booster.evaluate.probe import loss_probe
 from booster.evaluate.stage import empty_rate, judged, score_by_source, write_answers
-from booster.io import (atomic_dir, atomic_write_json, atomic_write_text, environment_info, file_sha256, read_jsonl,
-                        rewrite_jsonl, stable_hash, write_csv)
-from booster.models import DtypeChoice, ModelRecipe, build_model, load_tokenizer, resolve_dtype, save_trained
-from booster.plots import plot_alignment_curves, plot_attack_curves, plot_log
+from booster.io import (atomic_dir, atomic_write_json, atomic_write_text, environment_info, read_jsonl, rewrite_jsonl,
+                        write_csv)
+from booster.models import DtypeChoice, ModelRecipe, build_model, resolve_dtype, resolve_dtypes, save_trained
+from booster.plots import plot_alignment_curves, plot_attack_curves, write_stage_logs
+from booster.preflight import check_launch, preflight
 from booster.report import write_report
 from booster.results import OWN_COLUMNS, ResultRow, result_row
-from booster.stages import (StageResult, align_payload, attack_drop, attack_payload, base_key, eval_payload, is_done,
-                            payloads, stage_dir)
-from booster.text import encode_pair
-from booster.tracking import missing_packages, tracked, tracker_names
-from booster.train import Stream, fit, total_steps
+from booster.rundata import DataServer
+from booster.stages import (StageResult, align_payload, attack_drop, attack_payload, attack_recipe, base_key,
+                            eval_payload, is_done, same_attack_other_length, stage_dir)
+from booster.tracking import tracked, tracker_names
+from booster.train import fit, total_steps
 
 log = logging.getLogger("booster")
-
-SAFETY_FILES = ("safety/refusals.json", "safety/harmful_qa.json", "safety/hh_rlhf_harmless_test.jsonl.gz",
-                "safety/advbench.prompt.yaml")
-"""What every stage reads; each task adds its own (``Task.files``)."""
 
 
 def _hms(seconds: float) -> str:
@@ -72,7 +65,8 @@ class Pipeline:
         self.cfg = cfg
         self.root = Path(cfg.run.out_dir)
         self.data_dir = resolve_data_dir(data_dir or cfg.data.dir)
-        self._cache: dict[Any, Any] = {}
+        self.data = DataServer(self.data_dir)
+        """The run's data, loaded once for every grid point (``booster.rundata``)."""
         self.rows: list[ResultRow] = []
         self.chains: list[dict[str, Any]] = []
         self.points: list[ExperimentConfig] = []
@@ -96,107 +90,11 @@ class Pipeline:
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def _check_launch(self, points: list[ExperimentConfig]) -> None:
-        """Refuse, before any stage runs, a launch some grid point could not train correctly."""
-        n = self.accelerator.num_processes
-        for cfg in points:
-            for name, optim in ((cfg.align.defense, cfg.align.optim), (cfg.attack.defense, cfg.attack.optim)):
-                if name in DEFENSES:
-                    check_supported(self.accelerator, name, DEFENSES[name].passes, optim.grad_accum)
-                if optim.batch_size % n:
-                    raise DistributedError(f"optim.batch_size={optim.batch_size} is the global micro-batch and cannot "
-                                           f"be split evenly over {n} processes; make it a multiple of {n}")
-
-    def _memo(self, key: Any, make: Any) -> Any:
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
-
-    def tokenizer(self, cfg: ExperimentConfig) -> Any:
-        return self._memo(("tok", stable_hash(to_dict(cfg.model))), lambda: load_tokenizer(cfg.model))
-
-    def safety(self, cfg: ExperimentConfig) -> safety.SafetyData:
-        d = cfg.data
-        kwargs = dict(n_align=d.n_align, n_harmful=d.n_harmful, n_probe=d.n_probe, seed=d.split_seed)
-        if d.source == "hub":
-            return self._memo(("safety", "hub", *kwargs.values()), lambda: safety.load_beavertails(**kwargs))
-        return self._memo(("safety", *kwargs.values()), lambda: safety.load_local(self.data_dir, **kwargs))
-
-    def task_pool(self, cfg: ExperimentConfig) -> list[Example]:
-        return self._memo(("pool", cfg.attack.task, cfg.data.source),
-                          lambda: get_task(cfg.attack.task).pool(self.data_dir, cfg.data.source))
-
-    def mix_pool(self, cfg: ExperimentConfig) -> list[Example]:
-        """Where the attack's p·n mixed-in samples come from: the attacker's harmful pairs, or, for
-        the benign control (attack.mix=TASK), the first half of that task's pool; alignment's
-        benign examples come from the end of each pool (benign()), so the two never overlap."""
-        if cfg.attack.mix == "harmful":
-            return self.safety(cfg).attack_pool
-        pool = self._memo(("pool", cfg.attack.mix, cfg.data.source),
-                          lambda: get_task(cfg.attack.mix).pool(self.data_dir, cfg.data.source))
-        return pool[:len(pool) // 2]
-
-    def eval_prompts(self, cfg: ExperimentConfig) -> list[Example]:
-        """The harmful prompts an evaluation answers: the first eval.n_harmful held-out ones,
-        and/or the user's file (eval.prompts, eval.prompts_mode)."""
-        held_out = self.safety(cfg).eval_prompts[:cfg.eval.n_harmful]
-        if not cfg.eval.prompts:
-            return held_out
-        own = self._memo(("prompts", cfg.eval.prompts), lambda: load_prompt_file(cfg.eval.prompts))
-        return own if cfg.eval.prompts_mode == "replace" else held_out + own
-
-    def task_eval(self, cfg: ExperimentConfig) -> list[Example]:
-        return self._memo(("task_eval", cfg.attack.task, cfg.data.source),
-                          lambda: get_task(cfg.attack.task).eval_set(self.data_dir, cfg.data.source))
-
-    def benign(self, cfg: ExperimentConfig) -> list[Example]:
-        """data.n_benign task examples for alignment, evenly from data.benign_tasks; drawn from the
-        end of each (fixed-order) pool, so they stay apart from the attacker's samples."""
-        d = cfg.data
-        if not d.n_benign:
-            return []
-        out: list[Example] = []
-        for i, name in enumerate(d.benign_tasks):
-            share = d.n_benign // len(d.benign_tasks) + (i < d.n_benign % len(d.benign_tasks))
-            pool = self._memo(("pool", name, d.source), lambda: get_task(name).pool(self.data_dir, d.source))
-            if share > len(pool) // 2:
-                raise DataError(f"data.n_benign asks {share} examples of {name} but its pool has {len(pool)}; "
-                                "lower data.n_benign")
-            out += pool[len(pool) - share:]
-        return out
-
-    def encode(self, cfg: ExperimentConfig, examples: list[Example]) -> list[dict[str, list[int]]]:
-        tok = self.tokenizer(cfg)
-        return [encode_pair(tok, ex, cfg.model.prompt_format, cfg.model.max_length) for ex in examples]
-
     def judge(self, cfg: ExperimentConfig) -> Judge:
-        return self._memo(("judge", cfg.eval.judge, cfg.eval.judge_path),
-                          lambda: make_judge(cfg.eval.judge, cfg.eval.judge_path, data_dir=self.data_dir))
-
-    def data_hashes(self, cfg: ExperimentConfig) -> dict[str, str]:
-        """Hashes of the data files a stage of ``cfg`` reads: the safety data and the files of
-        its attack task, its benign control's task and its alignment's benign tasks."""
-        if cfg.data.source == "hub":
-            return {"source": "hub"}
-        tasks = sorted({t for t in (cfg.attack.task, cfg.attack.mix, *cfg.data.benign_tasks) if t != "harmful"})
-        patterns = SAFETY_FILES + tuple(f for t in tasks for f in get_task(t).files)
-
-        def make() -> dict[str, str]:
-            paths = sorted({p for pattern in patterns for p in self.data_dir.glob(pattern) if p.is_file()})
-            return {str(p.relative_to(self.data_dir)): file_sha256(p, 16) for p in paths}
-
-        return self._memo(("data_hashes", patterns), make)
+        return self.data.memo(("judge", cfg.eval.judge, cfg.eval.judge_path),
+                              lambda: make_judge(cfg.eval.judge, cfg.eval.judge_path, data_dir=self.data_dir))
 
     # ---------------------------------------------------------------- stage bookkeeping
-    def _streams(self, cfg: ExperimentConfig, defense: Any, main: list[Example], batch_size: int,
-                 main_name: str) -> dict[str, Stream]:
-        """The stage's own data as 'main', plus the alignment or harmful pairs the defence asks for."""
-        pad, seed = self.tokenizer(cfg).pad_token_id, cfg.run.seed
-        data = self.safety(cfg)
-        sources = {"main": (main, main_name), "align": (data.align, "align"), "harmful": (data.harmful, "harmful")}
-        return {name: Stream(self.encode(cfg, sources[name][0]), batch_size, pad, seed, sources[name][1])
-                for name in ("main", *defense.streams) if name in sources}
-
     def _stage_dir(self, kind: str, payload: dict[str, Any]) -> tuple[str, Path]:
         return stage_dir(self.root, kind, payload)
 
@@ -205,7 +103,8 @@ class Pipeline:
         if self.main:
             atomic_write_json(d / "config.json", payload)
             atomic_write_json(d / "meta.json", {"seed": cfg.run.seed, "environment": environment_info(),
-                                                "data_dir": str(self.data_dir), "data_sha256": self.data_hashes(cfg),
+                                                "data_dir": str(self.data_dir),
+                                                "data_sha256": self.data.data_hashes(cfg),
                                                 "processes": self.accelerator.num_processes,
                                                 "dtype": asdict(self._dtype_choice(cfg)),
                                                 "distributed": str(self.accelerator.distributed_type)})
@@ -224,19 +123,8 @@ class Pipeline:
         return self.dtypes.get(cfg.model.dtype) or resolve_dtype(cfg.model.dtype)
 
     def resolve_dtypes(self, points: list[ExperimentConfig]) -> list[ExperimentConfig]:
-        """Each point with model.dtype resolved on this machine (auto -> bfloat16 or float32), the
-        choice logged once: stages are hashed by the dtype they train in, so an auto stage is
-        the stage of the explicit dtype it became, and cached stages of either stay valid."""
-        out = []
-        for cfg in points:
-            choice = resolve_dtype(cfg.model.dtype)
-            if choice.resolved not in self.dtypes:
-                (log.warning if choice.emulated else log.info)(choice.message())
-            self.dtypes[choice.resolved] = choice
-            cfg = copy.deepcopy(cfg)
-            cfg.model.dtype = choice.resolved
-            out.append(cfg)
-        return out
+        """Each point with model.dtype resolved on this machine (``booster.models.resolve_dtypes``)."""
+        return resolve_dtypes(points, self.dtypes)
 
     @staticmethod
     def _done(d: Path) -> bool:
@@ -261,13 +149,8 @@ class Pipeline:
                 save_trained(model, tmp, full, state_dict=state)
 
     def _write_logs(self, d: Path, title: str) -> None:
-        if not self.main:
-            return
-        for name in ("train_log", "probe_log"):
-            rows = read_jsonl(d / f"{name}.jsonl")
-            if rows:
-                write_csv(d / f"{name}.csv", rows)
-                plot_log(rows, d / f"{name}.png", title=f"{title} ({name.replace('_', ' ')})")
+        if self.main:
+            write_stage_logs(d, title)
 
     # ---------------------------------------------------------------- stages
     def base(self, cfg: ExperimentConfig) -> StageResult:
@@ -286,14 +169,16 @@ class Pipeline:
         started = self._begin(d, payload, cfg)
         log.info("align %s -> %s", cfg.align.defense, d)
         with self.accelerator.main_process_first():  # downloads and caches: once, by the main process
-            tok = self.tokenizer(cfg)
-            data = self.safety(cfg)
+            tok = self.data.tokenizer(cfg)
+            data = self.data.safety(cfg)
             model = build_model(cfg.model, tok, ModelRecipe(), self.root, train="full" if full else "new_lora")
         defense = make_defense(cfg.align.defense, cfg.align)
-        streams = self._streams(cfg, defense, data.align + self.benign(cfg), cfg.align.optim.batch_size, "align")
-        probes = {"harmful_loss": loss_probe(self.encode(cfg, data.probe), tok.pad_token_id)}
+        streams = self.data.streams(cfg, defense, data.align + self.data.benign(cfg), cfg.align.optim.batch_size,
+                                    "align")
+        probes = {"harmful_loss": loss_probe(self.data.encode(cfg, data.probe), tok.pad_token_id)}
         if data.align_probe:  # as many as the harmful probe: a probe costs a forward pass per example
-            probes["align_loss"] = loss_probe(self.encode(cfg, data.align_probe[:cfg.data.n_probe]), tok.pad_token_id)
+            probes["align_loss"] = loss_probe(self.data.encode(cfg, data.align_probe[:cfg.data.n_probe]),
+                                              tok.pad_token_id)
         steps = total_steps(cfg.align.optim, len(streams["main"]))
         with self.tracked(f"{d.name}-{cfg.align.defense}", payload):
             fit(model, defense, streams, cfg.align.optim, d, accelerator=self.accelerator, steps=steps,
@@ -306,39 +191,13 @@ class Pipeline:
         self.accelerator.wait_for_everyone()
         return StageResult(key, recipe, d)
 
-    def _attack_recipe(self, cfg: ExperimentConfig, upstream: StageResult, d: Path) -> tuple[str, ModelRecipe]:
-        up = upstream.recipe
-        if cfg.model.finetune == "full":
-            return "full", ModelRecipe(weights=self._rel(d / "model"))
-        if cfg.attack.adapter == "single" and up.adapter:
-            return "continue", ModelRecipe(up.weights, list(up.merged), self._rel(d / "model"))
-        merged = list(up.merged) + ([up.adapter] if up.adapter else [])
-        return "new_lora", ModelRecipe(up.weights, merged, self._rel(d / "model"))
-
-    def _same_attack_other_length(self, cfg: ExperimentConfig) -> list[ExperimentConfig]:
-        """Grid points whose attack is this one run for another number of steps. Under a constant
-        learning rate the shorter ones are, to the bit, the first steps of the longest (the data
-        stream is fixed by the seed), so one run of the longest gives them all. Attack-time
-        defences are left out: Lisa's schedule depends on the total length."""
-        if cfg.attack.optim.schedule != "constant" or cfg.attack.defense != "sft" or cfg.attack.optim.steps is None:
-            return []
-
-        def without_length(c: ExperimentConfig) -> str:
-            attack = copy.deepcopy(payloads(c)["attack"])
-            attack.get("optim", {}).pop("steps", None)
-            return stable_hash({"align": align_payload(c), "attack": attack})
-
-        mine = without_length(cfg)  # equal hashes: same defence, schedule and all but the length
-        return [c for c in self.points if c.attack.optim.steps not in (None, cfg.attack.optim.steps)
-                and without_length(c) == mine]
-
     def _snapshot(self, cfg: ExperimentConfig, upstream: StageResult, long_dir: Path, started: float,
                   model: Any, step: int) -> None:
         """Write the stage of the ``step``-step attack ``cfg`` from the longer run at that step,
         as that attack run on its own would have written it (every process calls this)."""
         payload = attack_payload(cfg, upstream)
         _, d = self._stage_dir("attack", payload)
-        mode, recipe = self._attack_recipe(cfg, upstream, d)
+        mode, recipe = attack_recipe(cfg, upstream, self._rel(d / "model"))
         self._describe(d, payload, cfg)
         if self.main:
             shutil.copy2(long_dir / "train_set.csv", d / "train_set.csv")
@@ -357,10 +216,10 @@ class Pipeline:
         key, d = self._stage_dir("attack", payload)
         full = cfg.model.finetune == "full"
         up = upstream.recipe
-        mode, recipe = self._attack_recipe(cfg, upstream, d)
+        mode, recipe = attack_recipe(cfg, upstream, self._rel(d / "model"))
         if self._done(d):
             return StageResult(key, recipe, d)
-        others = self._same_attack_other_length(cfg)
+        others = same_attack_other_length(cfg, self.points)
         longest = max(others, key=lambda c: c.attack.optim.steps, default=None)
         if longest is not None and longest.attack.optim.steps > cfg.attack.optim.steps:
             log.info("attack of %d steps: taken from the %d-step run of the same attack",
@@ -371,17 +230,17 @@ class Pipeline:
         started = self._begin(d, payload, cfg)
         log.info("attack p=%s on %s -> %s", cfg.attack.p, upstream.key, d)
         with self.accelerator.main_process_first():  # downloads and caches: once, by the main process
-            tok = self.tokenizer(cfg)
-            data = self.safety(cfg)
-            pool = self.task_pool(cfg)
+            tok = self.data.tokenizer(cfg)
+            data = self.data.safety(cfg)
+            pool = self.data.task_pool(cfg)
             model = build_model(cfg.model, tok, up, self.root, train=mode)
-        train_set = poisoned_set(pool, self.mix_pool(cfg), n=cfg.attack.n, p=cfg.attack.p, seed=cfg.run.seed)
+        train_set = poisoned_set(pool, self.data.mix_pool(cfg), n=cfg.attack.n, p=cfg.attack.p, seed=cfg.run.seed)
         if self.main:
             write_csv(d / "train_set.csv", [{"source": ex.source, "prompt": ex.prompt, "response": ex.response}
                                             for ex in train_set])
         defense = make_defense(cfg.attack.defense, cfg.attack)
-        streams = self._streams(cfg, defense, train_set, cfg.attack.optim.batch_size, "attack")
-        probes = {"harmful_loss": loss_probe(self.encode(cfg, data.probe), tok.pad_token_id)}
+        streams = self.data.streams(cfg, defense, train_set, cfg.attack.optim.batch_size, "attack")
+        probes = {"harmful_loss": loss_probe(self.data.encode(cfg, data.probe), tok.pad_token_id)}
         steps = total_steps(cfg.attack.optim, len(train_set))
         snapshots = {}
         for c in others:
@@ -417,57 +276,15 @@ class Pipeline:
     def _run_eval(self, cfg: ExperimentConfig, upstream: StageResult, payload: dict[str, Any], d: Path) -> None:
         started = self._begin(d, payload, cfg)
         log.info("evaluate %s -> %s", upstream.key, d)
-        write_answers(cfg, upstream.recipe, self.root, self.accelerator.device, self.tokenizer(cfg),
-                      self.eval_prompts(cfg), self.task_eval(cfg)[:cfg.eval.n_task], d,
+        write_answers(cfg, upstream.recipe, self.root, self.accelerator.device, self.data.tokenizer(cfg),
+                      self.data.eval_prompts(cfg), self.data.task_eval(cfg)[:cfg.eval.n_task], d,
                       upstream.key)
         self._finish(d, started)
 
     # ---------------------------------------------------------------- whole experiment
     def preflight(self, points: list[ExperimentConfig]) -> None:
-        """Check what can be checked cheaply before any training: model sources, tokenizers and
-        their templates, data files and split sizes, the poisoned set of every attack, defence
-        settings that depend on the stage length. Raises the one-line error of the first problem."""
-        from booster.attack import poisoned_set
-        from booster.defenses import DEFENSES
-        from booster.models import resolve_source
-
-        missing = missing_packages(tracker_names(self.cfg.run.log_with))
-        if missing:
-            raise ConfigError(f"run.log_with={self.cfg.run.log_with} needs {missing[0]}; install it or set "
-                              "run.log_with=none")
-        for cfg in points:
-            resolve_source(cfg.model)
-            data = self.safety(cfg)
-            if (not cfg.eval.prompts or cfg.eval.prompts_mode == "add") and cfg.eval.n_harmful > len(data.eval_prompts):
-                raise DataError(f"eval.n_harmful={cfg.eval.n_harmful} but only {len(data.eval_prompts)} held-out "
-                                "harmful prompts exist; lower eval.n_harmful")
-            self.task_eval(cfg)
-            if cfg.eval.prompts:
-                prompts = self.eval_prompts(cfg)
-                seen = seen_in_training(prompts, data.align + data.harmful + data.attack_pool)
-                if seen:
-                    log.warning("eval.prompts: %d of the %d prompts of %s are among this run's training prompts; "
-                                "their answers measure memory as much as safety", seen, len(prompts), cfg.eval.prompts)
-            if cfg.eval.engine == "vllm" and not (torch.cuda.is_available() and vllm_available()):
-                raise DataError("eval.engine=vllm needs a GPU and the vllm package; use eval.engine=hf here")
-            if cfg.attack.task in cfg.data.benign_tasks and cfg.data.n_benign:
-                raise DataError(f"data.benign_tasks contains the attack's task {cfg.attack.task}: alignment would "
-                                "pre-train the user's task; drop it from data.benign_tasks")
-            benign = self.benign(cfg)
-            problems = []  # each defence checks the settings that depend on its stage's length
-            if cfg.align.defense in DEFENSES:
-                steps = total_steps(cfg.align.optim, len(data.align) + len(benign))
-                problems.append(DEFENSES[cfg.align.defense].length_problem(cfg.align, steps))
-            if cfg.attack.enabled:
-                poisoned_set(self.task_pool(cfg), self.mix_pool(cfg), n=cfg.attack.n, p=cfg.attack.p, seed=0)
-                steps = total_steps(cfg.attack.optim, cfg.attack.n)
-                problems.append(DEFENSES[cfg.attack.defense].length_problem(cfg.attack, steps))
-            if any(problems):
-                raise DataError(next(p for p in problems if p))
-            if cfg.align.defense in DEFENSES and "harmful" in DEFENSES[cfg.align.defense].streams and not data.harmful:
-                raise DataError(f"align.defense={cfg.align.defense} needs harmful pairs; set data.n_harmful >= 1")
-        for cfg in {base_key(c): c for c in points}.values():
-            self.tokenizer(cfg)
+        """Check what can be checked cheaply before any training (``booster.preflight``)."""
+        preflight(self.cfg, points, self.data)
 
     def run(self, until: str = "evaluate") -> list[dict[str, Any]]:
         """Every grid point: (controls) -> align -> attack -> evaluate, up to stage ``until``."""
@@ -475,7 +292,7 @@ class Pipeline:
         self.points = points
         self.preflight(points)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._check_launch(points)
+        check_launch(self.accelerator, points)
         if self.main:
             atomic_write_text(self.root / "config.yaml", to_yaml(self.cfg))
             if self.cfg.run.estimate:
@@ -525,42 +342,21 @@ class Pipeline:
 
     def _stage_work(self, kind: str, cfg: ExperimentConfig) -> StageWork:
         longer = kind == "attack" and any(c.attack.optim.steps > cfg.attack.optim.steps
-                                          for c in self._same_attack_other_length(cfg))
+                                          for c in same_attack_other_length(cfg, self.points))
         # saved on the way by the longer run of the same attack: no work of its own
-        return StageWork(kind) if longer else stage_work(kind, cfg, self)
+        return StageWork(kind) if longer else stage_work(kind, cfg, self.data)
 
     def estimate(self, points: list[ExperimentConfig], until: str = "evaluate") -> float | None:
         """Log how long the stages still to run will take here, before running them; keep the
         per-stage estimates so each stage's start logs the time left (``RunTimer``)."""
         todo = self.plan(points, until)
-        if not todo:
-            return None
-        if self.accelerator.num_processes > 1 or any(c.eval.engine == "vllm" for _, _, c in todo):
-            log.info("estimate: skipped (several processes or vLLM; it times a single process)")
-            return None
-        t0 = time.time()
-        rates = measure_run(todo[0][2], self, self.accelerator.device, self.root)
-        work = {d.name: self._stage_work(kind, cfg) for kind, d, cfg in todo}
-        self.timer = RunTimer({k: w.seconds(rates) for k, w in work.items()})
-        total = self.timer.left()
-        by_kind = {}
-        for kind, d, _ in todo:
-            by_kind.setdefault(kind, []).append(self.timer.estimates[d.name])
-        parts = ", ".join(f"{len(v)} {KIND_NAMES[k]} {say(sum(v)).replace('about ', '~')}" for k, v in by_kind.items())
-        log.info("estimate: %d stages to run, %s on this machine (%s; measured in %.0f s: %.2f ms per token "
-                 "trained, %.0f ms per decoding step of %d answers)", len(todo), say(total), parts, time.time() - t0,
-                 1e3 * rates.train_token_s, 1e3 * rates.decode_step_s, todo[0][2].eval.batch_size)
-        if self.judge_missing(todo[0][2]):
-            log.info("estimate: plus the judge's one-time build before the first evaluation (10-15 min on 2 CPU "
-                     "cores)")
-        return total
+        if todo:
+            self.timer = estimate_run(todo, self.data, self.accelerator, self.root, self._stage_work,
+                                      self.judge_missing)
+        return self.timer.left() if todo and self.timer else None
 
     def judge_missing(self, cfg: ExperimentConfig) -> bool:
-        if cfg.eval.judge != "classifier" or cfg.eval.judge_path:
-            return False
-        from booster.evaluate.classifier import JUDGE_FILE, ClassifierSettings, default_dir
-
-        return not (default_dir(ClassifierSettings(), self.data_dir) / JUDGE_FILE).is_file()
+        return judge_class(cfg.eval.judge).build_pending(cfg.eval.judge_path, self.data_dir)
 
     def _run_point(self, cfg: ExperimentConfig, until: str) -> dict[str, Any] | None:
         grid = {k: get_dotted(cfg, k) for k in varied_keys(self.cfg)}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from booster.config import flatten
-from booster.io import read_json, read_jsonl
+from booster.io import read_json, read_jsonl, write_csv
 
 _NUMBER = re.compile(r"(-?\d+(?:\.\d*)?(?:e[-+]?\d+)?)")
 
@@ -82,6 +82,15 @@ def plot_log(rows: list[dict[str, Any]], path: Path, *, title: str, keys: list[s
     keys = keys or [k for k in rows[0] if "loss" in k or k == "regulariser"]
     series = {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r]) for k in keys}
     plot_series(series, path, title=title, xlabel="step", ylabel="loss")
+
+
+def write_stage_logs(d: Path, title: str) -> None:
+    """A finished stage's training and probe logs as CSV beside their JSONL, each with its plot."""
+    for name in ("train_log", "probe_log"):
+        rows = read_jsonl(d / f"{name}.jsonl")
+        if rows:
+            write_csv(d / f"{name}.csv", rows)
+            plot_log(rows, d / f"{name}.png", title=f"{title} ({name.replace('_', ' ')})")
 
 
 def distinct_names(names: list[str], settings: list[dict[str, Any]]) -> list[str]:

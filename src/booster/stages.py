@@ -16,6 +16,7 @@ tests/test_pipeline.py: a change that moves them makes every cached stage unreac
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,33 @@ def stage_dir(root: Path, kind: str, payload: dict[str, Any]) -> tuple[str, Path
 def is_done(d: Path) -> bool:
     """A stage is done when its ``DONE.json`` exists: written last, after all its outputs."""
     return (d / "DONE.json").is_file()
+
+
+def attack_recipe(cfg: ExperimentConfig, upstream: StageResult, model_dir: str) -> tuple[str, ModelRecipe]:
+    """How an attack trains on its upstream's model (``full``, ``continue`` its adapter, or a
+    ``new_lora`` over the merged ones) and the recipe it leaves, its weights in ``model_dir``."""
+    up = upstream.recipe
+    if cfg.model.finetune == "full":
+        return "full", ModelRecipe(weights=model_dir)
+    if cfg.attack.adapter == "single" and up.adapter:
+        return "continue", ModelRecipe(up.weights, list(up.merged), model_dir)
+    merged = list(up.merged) + ([up.adapter] if up.adapter else [])
+    return "new_lora", ModelRecipe(up.weights, merged, model_dir)
+
+
+def same_attack_other_length(cfg: ExperimentConfig, points: list[ExperimentConfig]) -> list[ExperimentConfig]:
+    """Grid points whose attack is this one run for another number of steps. Under a constant
+    learning rate the shorter ones are, to the bit, the first steps of the longest (the data
+    stream is fixed by the seed), so one run of the longest gives them all. Attack-time
+    defences are left out: Lisa's schedule depends on the total length."""
+    if cfg.attack.optim.schedule != "constant" or cfg.attack.defense != "sft" or cfg.attack.optim.steps is None:
+        return []
+
+    def without_length(c: ExperimentConfig) -> str:
+        attack = copy.deepcopy(payloads(c)["attack"])
+        attack.get("optim", {}).pop("steps", None)
+        return stable_hash({"align": align_payload(c), "attack": attack})
+
+    mine = without_length(cfg)  # equal hashes: same defence, schedule and all but the length
+    return [c for c in points if c.attack.optim.steps not in (None, cfg.attack.optim.steps)
+            and without_length(c) == mine]

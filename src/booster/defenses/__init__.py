@@ -1,4 +1,5 @@
-"""The defences, by name. An explicit registry: adding a defence means adding a line here."""
+"""The defences, by name. An explicit registry: adding a defence means adding a line here, and
+its name and stages to ``booster.names.DEFENSES`` (what the config checks names against)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,10 @@ DEFENSES: dict[str, type[Defense]] = {
 }
 
 
-def defense_names(stage: str) -> tuple[str, ...]:
-    return tuple(name for name, cls in DEFENSES.items() if stage in cls.stages)
-
-
 def make_defense(name: str, stage_cfg) -> Defense:
     if name not in DEFENSES:
         raise ValueError(f"unknown defence '{name}'; choose one of: {', '.join(DEFENSES)}")
     return DEFENSES[name](stage_cfg)
 
 
-__all__ = ["DEFENSES", "Defense", "StepContext", "defense_names", "make_defense"]
+__all__ = ["DEFENSES", "Defense", "StepContext", "make_defense"]

@@ -79,6 +79,10 @@ class BeaverDamJudge(Judge):
         self._model: Any = None
         self._tok: Any = None
 
+    @classmethod
+    def from_config(cls, path: str | None = None, data_dir: str | Path | None = None) -> "BeaverDamJudge":
+        return cls(path)
+
     @property
     def version(self) -> str:
         """The hub commit (or the local config's hash) of the weights, once loaded; else the location."""

@@ -77,11 +77,12 @@ def run_eval(settings: Any, *, data_dir: Any = None, path: str | None = None, ju
     """`booster judge eval`: each judge on the classifier's held-out split and on the hand labels."""
     from pathlib import Path
 
-    from booster.evaluate import classifier, judge_data
+    from booster.evaluate import judge_data
+    from booster.evaluate.classifier_train import build
     from booster.evaluate.judges import JudgeError, make_judge
 
     judges = [j.strip() for j in (judges or ["classifier", "refusal"]) if j.strip()]
-    cls_dir = Path(path) if path else classifier.build(settings, data_dir)
+    cls_dir = Path(path) if path else build(settings, data_dir)
     split_file = cls_dir / "split.jsonl"
     if not split_file.is_file():
         raise JudgeError(f"{cls_dir} has no split.jsonl (the split it was trained on); rebuild it with "
@@ -91,11 +92,9 @@ def run_eval(settings: Any, *, data_dir: Any = None, path: str | None = None, ju
     hand = judge_data.read_label_file(label_file) if label_file.is_file() else []
     report: dict[str, Any] = {"classifier_dir": str(cls_dir), "labels": str(label_file), "heldout": {},
                               "hand_labels": {}}
+    paths = {"classifier": str(cls_dir), "beaver_dam": beaver_path}  # the command's flags; other judges: defaults
     for name in judges:
-        if name == "classifier":
-            judge = make_judge(name, str(cls_dir))
-        else:
-            judge = make_judge(name, beaver_path if name == "beaver_dam" else None)
+        judge = make_judge(name, paths.get(name))
         report["heldout"][name] = report_on(judge, test)
         if hand:
             report["hand_labels"][name] = agreement(judge, hand)
