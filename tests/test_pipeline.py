@@ -470,3 +470,24 @@ def test_export_writes_a_merged_model_that_transformers_loads(tiny_run, tmp_path
     assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
     assert main(["export", str(out / "stages"), str(tmp_path / "x")]) == 2
     assert "no finished stage" in capsys.readouterr().err
+
+
+def test_a_sweep_that_dies_keeps_the_rows_of_its_finished_points(tiny_cfg, monkeypatch):
+    from booster.io import read_jsonl
+
+    pipe = Pipeline(tiny_cfg("run.estimate=false", "grid={}", "align.defense=sft", "grid.attack.p=[0.0,0.25]"))
+    run_point = Pipeline._run_point
+    calls = []
+
+    def dies_on_the_second(self, cfg, until):
+        calls.append(cfg.attack.p)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_point(self, cfg, until)
+
+    monkeypatch.setattr(Pipeline, "_run_point", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.run()
+    kept = read_jsonl(pipe.root / "results.jsonl")
+    assert {(r["stage"], r.get("p")) for r in kept} == {("unaligned", None), ("aligned", None), ("attacked", 0.0)}
+    assert len(read_jsonl(pipe.root / "chains.jsonl")) == 1

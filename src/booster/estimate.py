@@ -231,11 +231,8 @@ def measure_run(cfg: Any, data: RunData, device: Any, root: Path) -> Rates:
                         batch_size=len(prompts), desc="estimate (decoding)")
 
     batches = [{k: v.to(device) for k, v in stream.batch(i).items()} for i in range(3)]
-    try:
-        return measure(model, causal_lm_loss(model), batches, {k: v.to(device) for k, v in probe.items()},
-                       generate_batch, batch_rows=len(prompts))
-    finally:
-        del model
+    return measure(model, causal_lm_loss(model), batches, {k: v.to(device) for k, v in probe.items()},
+                   generate_batch, batch_rows=len(prompts))
 
 
 KIND_NAMES = {"align": "alignments", "attack": "attacks", "eval": "evaluations"}

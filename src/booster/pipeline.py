@@ -304,6 +304,9 @@ class Pipeline:
             chain = self._run_point(cfg, until)
             if chain:
                 self.chains = [c for c in self.chains if c["point"] != chain["point"]] + [chain]
+            if until == "evaluate" and self.main:  # a long sweep keeps what it finished: `booster report` reads it
+                rewrite_jsonl(self.root / "results.jsonl", self.rows)
+                rewrite_jsonl(self.root / "chains.jsonl", self.chains)
             elapsed = time.time() - started
             log.info("sweep: %d/%d points done, %s elapsed, about %s left", i, len(points),
                      _hms(elapsed), _hms(elapsed / i * (len(points) - i)))

@@ -38,7 +38,6 @@ from typing import Iterable
 
 from booster.data import safety
 from booster.data.base import DataError, normalise, require_file
-from booster.refusal import is_refusal
 
 HAND_LABELS = "smollm2_hand_labels.jsonl"
 """The 100 validation answers (AdvBench prompts): never trained on, never used to choose."""
