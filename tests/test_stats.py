@@ -59,3 +59,8 @@ def test_prompt_detectable_difference_by_hand():
 def test_empty_input_is_refused():
     with pytest.raises(ValueError, match="at least one seed"):
         seed_prompt_interval([])
+
+
+def test_no_spread_sizes_no_test():
+    assert detectable_difference([5.0, 5.0, 5.0]) is None
+    assert prompt_detectable_difference([(True, True), (False, False)]) is None

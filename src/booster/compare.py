@@ -97,9 +97,11 @@ def paired_table(found: dict[tuple[str, str, int], Path], a: str, b: str) -> str
         t = seed_t_interval(per_seed)
         if len(per_seed) > 1:
             spread = f"{statistics.mean(per_seed):+.1f} ± {statistics.stdev(per_seed):.1f}"
-            detectable = f"{detectable_difference(per_seed):.1f}"
+            size = detectable_difference(per_seed)
+            detectable = "–" if size is None else f"{size:.1f}"
         else:
-            spread, detectable = f"{per_seed[0]:+.0f}", f"{prompt_detectable_difference(by_seed[0]):.1f} (prompts only)"
+            spread, size = f"{per_seed[0]:+.0f}", prompt_detectable_difference(by_seed[0])
+            detectable = "–" if size is None else f"{size:.1f} (prompts only)"
         lines.append("| " + " | ".join([
             setting, str(len(seeds)), ", ".join(f"{v:.0f}" for v in hs_a), ", ".join(f"{v:.0f}" for v in hs_b),
             str(only_a), str(only_b), f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]",

@@ -75,22 +75,24 @@ def seed_t_interval(differences: Sequence[float], level: float = 0.95) -> tuple[
 
 def detectable_difference(differences: Sequence[float], *, alpha: float = 0.05, power: float = 0.8) -> float | None:
     """The smallest true difference (points) that a comparison with this many seeds and this
-    seed-to-seed spread detects with ``power`` at two-sided level ``alpha``; None with < 2 seeds."""
-    if len(differences) < 2:
-        return None
+    seed-to-seed spread detects with ``power`` at two-sided level ``alpha``; None with < 2 seeds or no spread."""
+    if len(differences) < 2 or statistics.stdev(differences) == 0:
+        return None  # no spread measured: nothing to size a test by
     df = len(differences) - 1
     se = statistics.stdev(differences) / math.sqrt(len(differences))
     return (_t(1 - alpha / 2, df) + _t(power, df)) * se
 
 
 def prompt_detectable_difference(pairs: Sequence[tuple[bool, bool]], *, alpha: float = 0.05,
-                                 power: float = 0.8) -> float:
+                                 power: float = 0.8) -> float | None:
     """The same for one seed, from the paired prompts alone (normal approximation): it leaves
     out the seed-to-seed spread, so it understates what another seed could show."""
     n = len(pairs)
     d = [int(b) - int(a) for a, b in pairs]
     mean = sum(d) / n
     var = sum((x - mean) ** 2 for x in d) / max(1, n - 1)
+    if var == 0:
+        return None  # no discordant pair: the prompts show no variation to size a test by
     from statistics import NormalDist
 
     z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
