@@ -49,7 +49,8 @@ def test_table_has_controls_and_attacks(tiny_run):
     line = next(x for x in paired.splitlines() if x.startswith("| p=0.25 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1:4] == ["1", f"{score[('sft', 'attacked', 0.25)]:.0f}", f"{score[('booster', 'attacked', 0.25)]:.0f}"]
-    assert cells[-1].endswith("(prompts only)")
+    # one seed: the detectable difference from the prompts alone, none where no pair disagrees
+    assert cells[-1] == "–" if cells[4] == cells[5] == "0" else cells[-1].endswith("(prompts only)")
 
 
 def test_report_command_rebuilds_tables(tiny_run, capsys):
