@@ -172,3 +172,15 @@ def test_judge_generate_makes_a_blind_corpus_from_every_stage(tiny_cfg, tmp_path
     assert all(set(b) == {"id", "prompt", "answer"} for b in blind)
     assert sorted((b["prompt"], b["answer"]) for b in blind) == sorted((r["prompt"], r["answer"]) for r in rows)
     assert all(key[b["id"]]["answer"] == b["answer"] for b in blind)
+
+
+def test_the_report_compares_defences_even_at_a_single_setting(tmp_path):
+    from booster.report import paired_sections
+
+    prompts = [f"q{i}" for i in range(6)]
+    rows = [{"defense": d, "seed": 0, "p": 0.2, "stage": "attacked",
+             "eval_dir": _eval_stage(tmp_path, f"eval-{d}", prompts, f)}
+            for d, f in (("sft", [1, 1, 0, 0, 0, 0]), ("booster", [1, 0, 0, 0, 0, 0]))]
+    (section,) = paired_sections(tmp_path, rows, ())
+    line = next(x for x in section.splitlines() if x.startswith("| p=0.2"))
+    assert [c.strip() for c in line.strip("|").split("|")][1:6] == ["1", "33", "17", "1", "0"]

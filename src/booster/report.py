@@ -186,7 +186,7 @@ def paired_sections(root: Path, rows: list[dict[str, Any]], extra: tuple[str, ..
         except (DataError, OSError, KeyError) as e:  # answers or verdicts missing (an old or copied run)
             parts.append(f"## {b} against SFT, prompt by prompt\n\n(not available: {e})\n")
             continue
-        if table.count("\n| ") > 1:  # a row beyond the header
+        if any(line.startswith("| ") for line in table.splitlines()[2:]):  # a setting below the header
             parts.append(f"## {b} against SFT, prompt by prompt over shared seeds\n\nB − A in harmful-score "
                          "points: the interval over seeds and prompts together, the t interval over seeds, "
                          "McNemar's p on the discordant pairs, and the smallest difference this many seeds "
