@@ -15,7 +15,7 @@ from pathlib import Path
 
 from booster.data.base import DataError
 from booster.evaluate.stage import GENERATIONS, generations_path
-from booster.io import atomic_dir, read_jsonl
+from booster.io import atomic_dir, read_json, read_jsonl
 
 STAGE_FILES = ("config.json", "meta.json", "DONE.json", "recipe.json", "answers.json", "metrics.json",
                "probe_log.jsonl", "train_set.csv")
@@ -29,14 +29,29 @@ def _gzip(src: Path, dst: Path) -> None:
         shutil.copyfileobj(f_in, f_out)
 
 
+def behind(root: Path, names: list[str]) -> set[Path]:
+    """The finished stages of ``names`` and every stage upstream of them (an evaluation's
+    attack, that attack's alignment), not the other stages the run directory holds."""
+    found: set[Path] = set()
+    todo = list(names)
+    while todo:
+        d = root / "stages" / todo.pop()
+        if d in found or not (d / "DONE.json").is_file():
+            continue
+        found.add(d)
+        upstream = read_json(d / "config.json").get("upstream") if (d / "config.json").is_file() else None
+        if upstream:
+            todo.append(upstream)
+    return found
+
+
 def publish(root: Path, out: Path) -> Path:
     """Copy run directory ``root`` to ``out`` (replaced if it exists) as described above."""
     root, out = Path(root), Path(out)
     rows = read_jsonl(root / "results.jsonl")
     if not rows:
         raise DataError(f"{root} has no results.jsonl; run `booster run` into it first")
-    stages = sorted(d for d in (root / "stages").glob("*-*") if (d / "DONE.json").is_file()
-                    and not d.name.startswith("base"))
+    stages = sorted(behind(root, [Path(r["eval_dir"]).name for r in rows]))
     missing = [r["eval_dir"] for r in rows if not generations_path(root / r["eval_dir"]).is_file()]
     if missing:
         raise DataError(f"{root}: no answers in {missing[0]}; publish a run directory with its stages")
