@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from booster.data.base import DataError
-from booster.evaluate.stage import read_generations
+from booster.evaluate.stage import read_generations, verdict_flags
 from booster.io import read_json
 from booster.results import column, read_rows, selected
 from booster.stats import detectable_difference, prompt_detectable_difference, seed_prompt_interval, seed_t_interval
@@ -30,7 +30,7 @@ def verdicts(eval_dir: Path) -> tuple[list[str], list[bool], str]:
     metrics = read_json(eval_dir / "metrics.json")
     judge = metrics["judge"]
     prompts = [g["prompt"] for g in read_generations(eval_dir) if g["kind"] == "harmful"]
-    flags = [p > judge["threshold"] for p in metrics["harm_probs"]]
+    flags = verdict_flags(metrics)
     if len(flags) != len(prompts):
         raise DataError(f"{eval_dir}: {len(flags)} verdicts for {len(prompts)} answers; rerun `booster report`")
     return prompts, flags, f"{judge['name']} {judge.get('version', '')}".strip()
@@ -53,15 +53,17 @@ def collect(run_dirs: list[Path], where: list[list[str]]) -> dict[tuple[str, str
     """{(defence, setting, seed): evaluation directory} over the run directories' result rows."""
     found: dict[tuple[str, str, int], Path] = {}
     for run_dir in run_dirs:
-        for row in read_rows(run_dir):
-            if not selected(row, run_dir, where):
-                continue
-            key, eval_dir = (row["defense"], column(row), row["seed"]), run_dir / row["eval_dir"]
-            if key in found and found[key].resolve() != eval_dir.resolve():
-                raise DataError(f"two evaluations of {key[0]} at {key[1]}, seed {key[2]} ({found[key]}, "
-                                f"{eval_dir}): they differ in a setting; pick one with --where KEY=VALUE")
-            found[key] = eval_dir
+        rows = [row for row in read_rows(run_dir) if selected(row, run_dir, where)]
+        for key, eval_dir in found_in_rows(run_dir, rows).items():
+            _add(found, key, eval_dir)
     return found
+
+
+def _add(found: dict[tuple[str, str, int], Path], key: tuple[str, str, int], eval_dir: Path) -> None:
+    if key in found and found[key].resolve() != eval_dir.resolve():
+        raise DataError(f"two evaluations of {key[0]} at {key[1]}, seed {key[2]} ({found[key]}, "
+                        f"{eval_dir}): they differ in a setting; pick one with --where KEY=VALUE")
+    found[key] = eval_dir
 
 
 def paired_table(found: dict[tuple[str, str, int], Path], a: str, b: str) -> str:
@@ -117,10 +119,10 @@ def paired_table(found: dict[tuple[str, str, int], Path], a: str, b: str) -> str
 def found_in_rows(root: Path, rows: list[dict[str, Any]], labels: tuple[str, ...] = ()) -> dict[tuple[str, str, int], Path]:
     """{(defence, setting, seed): evaluation directory} of one run's rows; the setting names the
     column (aligned, p=...) and the values of ``labels`` (other varied keys)."""
-    found = {}
+    found: dict[tuple[str, str, int], Path] = {}
     for row in rows:
         if row.get("stage") == "unaligned" or "seed" not in row:
             continue
         setting = ", ".join([column(row), *(f"{k}={row[k]}" for k in labels if k in row)])
-        found[(row["defense"], setting, row["seed"])] = Path(root) / row["eval_dir"]
+        _add(found, (row["defense"], setting, row["seed"]), Path(root) / row["eval_dir"])
     return found

@@ -305,8 +305,7 @@ class Pipeline:
             if chain:
                 self.chains = [c for c in self.chains if c["point"] != chain["point"]] + [chain]
             if until == "evaluate" and self.main:  # a long sweep keeps what it finished: `booster report` reads it
-                rewrite_jsonl(self.root / "results.jsonl", self.rows)
-                rewrite_jsonl(self.root / "chains.jsonl", self.chains)
+                self.save_rows()
             elapsed = time.time() - started
             log.info("sweep: %d/%d points done, %s elapsed, about %s left", i, len(points),
                      _hms(elapsed), _hms(elapsed / i * (len(points) - i)))
@@ -397,10 +396,14 @@ class Pipeline:
         chain["attacked"] = row.get("eval_dir")
         return chain
 
-    def report(self) -> str:
-        """results.md/.csv/.jsonl, the controls table when the grid varies attack.p, plots."""
+    def save_rows(self) -> None:
+        """results.jsonl and chains.jsonl: what `booster report` builds the tables from."""
         rewrite_jsonl(self.root / "results.jsonl", self.rows)
         rewrite_jsonl(self.root / "chains.jsonl", self.chains)
+
+    def report(self) -> str:
+        """results.md/.csv/.jsonl, the controls table when the grid varies attack.p, plots."""
+        self.save_rows()
         return write_report(self.root, self.cfg, self.rows, self.chains, self.judge(self.cfg).describe()) + \
             plot_attack_curves(self.root) + plot_alignment_curves(self.root)
 

@@ -75,10 +75,15 @@ def attack_drop(cfg: ExperimentConfig) -> tuple[str, ...]:
     return drop + (("mix",) if cfg.attack.p == 0 else ())  # nothing is mixed in: one stage for every mix
 
 
+def _trained_optims(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The optimiser settings a payload trains with (as hashed: defaults left out)."""
+    return [payload.get(s, {}).get("optim", {}) for s in ("align", "attack")]
+
+
 def warmup_fixed(payload: dict[str, Any]) -> dict[str, Any]:
     """A stage trained with warmup under the constant schedule before warmup took effect there
     (it was ignored) must not be reused: such stages get a hash of their own. Others keep theirs."""
-    optims = [payload.get(s, {}).get("optim", {}) for s in ("align", "attack")]
+    optims = _trained_optims(payload)
     if any(o.get("warmup_steps") and o.get("schedule", "constant") == "constant" for o in optims):
         return {"warmup": "applied"}
     return {}
@@ -131,7 +136,7 @@ def eval_payload(cfg: ExperimentConfig, upstream_key: str) -> dict[str, Any]:
 def accumulation_fixed(payload: dict[str, Any]) -> dict[str, Any]:
     """Micro-batches were averaged equally before they were weighted by their answer tokens: a
     stage trained with grad_accum > 1 gets a hash of its own. Others keep theirs."""
-    optims = [payload.get(s, {}).get("optim", {}) for s in ("align", "attack")]
+    optims = _trained_optims(payload)
     return {"accumulation": "token-weighted"} if any(o.get("grad_accum", 1) > 1 for o in optims) else {}
 
 

@@ -16,9 +16,10 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
 PACKAGES = {"tensorboard": "tensorboard (pip install 'booster[tracking]')", "wandb": "wandb (pip install wandb)",
             "mlflow": "mlflow (pip install mlflow)"}
+"""Each tracker a run may name, with the package it needs."""
+TRACKERS = tuple(PACKAGES)
 
 
 def tracker_names(log_with: str) -> list[str]:

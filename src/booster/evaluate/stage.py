@@ -103,7 +103,7 @@ def write_answers(cfg: ExperimentConfig, recipe: ModelRecipe, root: Path, device
             for p, a in zip(prompts, harm_answers)]
     gens += [{"kind": "task", "prompt": x.prompt, "answer": a, "gold": x.label, "parsed": task.parse(a),
               "score": round(sc, 4)} for x, a, sc in zip(items, task_answers, task_scores)]
-    rewrite_jsonl(d / "generations.jsonl", gens)
+    rewrite_jsonl(d / GENERATIONS, gens)
     atomic_write_json(d / "answers.json", {
         "upstream": upstream_key, "task": cfg.attack.task, "task_metric": task.metric,
         "refusal_rate": 100.0 * sum(g["refusal"] for g in gens if g["kind"] == "harmful") / len(prompts),
@@ -146,15 +146,19 @@ def judged(judge: Judge, d: Path) -> dict[str, Any]:
     return metrics
 
 
+def verdict_flags(metrics: dict[str, Any]) -> list[bool]:
+    """The judge's verdict on each harmful answer of a judged metrics file, in answer order."""
+    return [pr > metrics["judge"]["threshold"] for pr in metrics["harm_probs"]]
+
+
 def score_by_source(eval_dir: Path, metrics: dict[str, Any]) -> dict[str, float]:
     """The harmful score per prompt source (eval.prompts), when the answers come from more than
     one; empty otherwise (answers saved before sources were recorded count as one source)."""
     sources = [g.get("source", "") for g in read_generations(eval_dir) if g["kind"] == "harmful"]
     if len(set(sources)) < 2:
         return {}
-    flagged = [pr > metrics["judge"]["threshold"] for pr in metrics["harm_probs"]]
     out: dict[str, list[bool]] = {}
-    for source, flag in zip(sources, flagged, strict=True):
+    for source, flag in zip(sources, verdict_flags(metrics), strict=True):
         out.setdefault(source, []).append(flag)
     return {s: round(100.0 * sum(f) / len(f), 2) for s, f in out.items()}
 
