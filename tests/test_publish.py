@@ -18,6 +18,8 @@ def test_a_published_run_rescores_without_the_run(tiny_cfg, tmp_path, capsys):
     out = tmp_path / "published"
     assert main(["publish", str(pipe.root), str(out)]) == 0
     assert not list(out.rglob("*.safetensors")) and not list(out.rglob("checkpoint"))
+    index = (out / "ANSWERS.md").read_text()
+    assert all(f"`{row['eval_dir']}/generations.jsonl.gz`" in index for row in rows)
     for row in rows:
         d = out / row["eval_dir"]
         assert not (d / "generations.jsonl").exists()

@@ -76,4 +76,21 @@ def publish(root: Path, out: Path) -> Path:
                     shutil.copy2(gens, dst / gens.name)
                 else:
                     _gzip(gens, dst / (GENERATIONS + ".gz"))
+        write_index(tmp, rows)
     return out
+
+
+def write_index(out: Path, rows: list[dict]) -> None:
+    """``ANSWERS.md`` in a published copy: where each result row's answers are, and how to
+    rescore them, for a reader who finds the table first."""
+    lines = ["# Answers of these results", "",
+             "Every evaluation's answers (prompt, answer, refusal verdict; task items with their "
+             "scores) are kept gzipped beside its judged scores, one file per result row:", "",
+             "| model | answers | judged scores |", "|---|---|---|"]
+    for r in rows:
+        what = " ".join(str(r[k]) for k in ("defense", "stage") if k in r) + (f" p={r['p']}" if "p" in r else "")
+        what += f" seed {r['seed']}" if "seed" in r else ""
+        lines.append(f"| {what} | `{r['eval_dir']}/{GENERATIONS}.gz` | `{r['eval_dir']}/metrics.json` |")
+    lines += ["", "Rescore them with another judge, without training anything: "
+              "`booster report THIS_DIRECTORY --judge NAME` (it rewrites results.jsonl and the tables here).", ""]
+    (Path(out) / "ANSWERS.md").write_text("\n".join(lines), encoding="utf-8")
