@@ -1,5 +1,5 @@
-"""Adding a defence is one file, its registry lines (the class in ``DEFENSES``, its name and
-stages in ``booster.names`` for the config's check) and one test: here all live in this file,
+"""Adding a defence is one file, one registry line (the class in ``DEFENSES``, which the
+config's name check reads too) and one test: here all live in this file,
 and the pipeline trains the defence on the tiny model without any other change."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from booster import names
 from booster.config import AlignConfig, AttackConfig
 from booster.data.base import DataError
 from booster.defenses import DEFENSES
@@ -37,8 +36,7 @@ class HalfSFT(Defense):
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setitem(DEFENSES, HalfSFT.name, HalfSFT)  # the registry lines
-    monkeypatch.setitem(names.DEFENSES, HalfSFT.name, HalfSFT.stages)
+    monkeypatch.setitem(DEFENSES, HalfSFT.name, HalfSFT)  # the registry line
 
 
 def test_a_defence_registered_from_a_test_file_trains_in_the_pipeline(registered, tiny_cfg):

@@ -2,8 +2,8 @@
 
 A config file only states what differs from the defaults below. Unknown keys and wrong
 types are rejected (OmegaConf structured configs), ranges are checked in ``__post_init__``,
-and every error is one line that names the key and the fix. Names (tasks, defences, judges)
-are checked against the plain lists of ``booster.names``; the files and the command line are
+and every error is one line that names the key and the fix. Task and judge names are checked
+against the plain lists of ``booster.names``, defence names against the defence registry; the files and the command line are
 read by ``booster.config_sources``.
 
     cfg = load_config("demo", ["align.optim.lr=1e-3", "grid.attack.p=[0,0.1]"])
@@ -25,12 +25,14 @@ from booster.checks import ConfigError
 from booster.checks import check as _check
 from booster.checks import one_of as _one_of
 from booster.config_sources import format_omegaconf_error, parse_overrides, read_yaml, resolve_config_path
-# Each defence's settings live beside it; the stage configs below hold them as sections.
+# Each defence's settings live beside it; the stage configs below hold them as sections, and the
+# defence names are the registry's (the package holds no data or model code, only the classes).
+from booster.defenses import defense_names
 from booster.defenses.booster import BoosterConfig
 from booster.defenses.lisa import LisaConfig
 from booster.defenses.repnoise import RepNoiseConfig
 from booster.defenses.vaccine import VaccineConfig
-from booster.names import JUDGES, TASKS, defense_names
+from booster.names import JUDGES, TASKS
 from booster.tracking import tracker_names
 
 

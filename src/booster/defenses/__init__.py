@@ -1,5 +1,6 @@
-"""The defences, by name. An explicit registry: adding a defence means adding a line here, and
-its name and stages to ``booster.names.DEFENSES`` (what the config checks names against)."""
+"""The defences, by name. An explicit registry: adding a defence means one file and one line
+here; the config checks ``align.defense`` / ``attack.defense`` against this dict (through
+``defense_names``), so a defence registered at run time is a valid name at once."""
 
 from __future__ import annotations
 
@@ -23,10 +24,15 @@ DEFENSES: dict[str, type[Defense]] = {
 }
 
 
+def defense_names(stage: str) -> tuple[str, ...]:
+    """The defences that can run in ``stage`` ('align' or 'attack'), in the registry's order."""
+    return tuple(name for name, cls in DEFENSES.items() if stage in cls.stages)
+
+
 def make_defense(name: str, stage_cfg) -> Defense:
     if name not in DEFENSES:
         raise ValueError(f"unknown defence '{name}'; choose one of: {', '.join(DEFENSES)}")
     return DEFENSES[name](stage_cfg)
 
 
-__all__ = ["DEFENSES", "Defense", "StepContext", "make_defense"]
+__all__ = ["DEFENSES", "Defense", "StepContext", "defense_names", "make_defense"]
