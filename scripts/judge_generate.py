@@ -16,6 +16,18 @@ writes what raters see: ``DIR/blind.jsonl`` (id, prompt, answer; shuffled, no mo
 and ``DIR/key.jsonl`` (id -> the full row), so labels are given blind and joined afterwards.
 
     python scripts/judge_generate.py --run runs/demo --stage all --n 40 --out corpus.jsonl --blind corpus/
+
+The pool (~820 prompts) is smaller than a 2,000-answer corpus: slices wrap around it, so a
+prompt is answered by several models (the classifier's split is by prompt, so no prompt is
+on both sides). ``--skip FILE`` leaves out the stages an earlier corpus file already answered
+(a second part, once more models have finished; give it ``--offset`` = the rows made so far).
+``--merge FILE ...`` makes one blind set from several corpus files without generating;
+``--evals`` takes the answers the evaluation stages already gave to AdvBench prompts
+(``--n`` per stage, the fresh validation set) instead of generating new ones.
+
+    python scripts/judge_generate.py --run runs/b --stage all --skip part1.jsonl --offset 880 --out part2.jsonl
+    python scripts/judge_generate.py --merge part1.jsonl part2.jsonl --blind corpus/
+    python scripts/judge_generate.py --run runs/b --evals --n 15 --out valid.jsonl --blind valid/
 """
 
 from __future__ import annotations
@@ -54,7 +66,7 @@ def training_prompts(data_dir: Path, cfg, seed: int) -> list[str]:
 def stage_kind(run: Path, stage: str) -> str:
     """What kind of model a stage holds, for the corpus: unaligned, the alignment defence, or the
     attack's p and lr on top of the defence it started from."""
-    if stage == "base":
+    if stage == "base" or stage.startswith("base-"):  # evaluation stages name the base by its hash
         return "unaligned"
     cfg = json.loads((run / "stages" / stage / "config.json").read_text())
     if stage.startswith("align"):
@@ -70,6 +82,28 @@ def finished_stages(run: Path) -> list[str]:
                              if d.name.split("-")[0] in ("align", "attack") and (d / "DONE.json").is_file())
 
 
+def eval_rows(run: Path, n: int, seed: int, skip: set) -> list[dict]:
+    """n harmful answers of each evaluation stage (AdvBench prompts, already generated), drawn at
+    random, every row naming the model kind of the stage that was evaluated."""
+    rows = []
+    for d in sorted((run / "stages").glob("eval-*")):
+        gen = d / "generations.jsonl"
+        if not (d / "DONE.json").is_file() or not gen.is_file():
+            continue
+        upstream = json.loads((d / "config.json").read_text())["upstream"]
+        if (str(run), upstream) in skip:
+            continue
+        answers = [r for r in map(json.loads, gen.read_text().splitlines()) if r.get("kind") == "harmful"]
+        for r in random.Random(f"{seed}-{d.name}").sample(answers, min(n, len(answers))):
+            rows.append({"prompt": r["prompt"], "answer": r["answer"], "stage": upstream,
+                         "kind": stage_kind(run, upstream), "run": str(run), "eval": d.name})
+    return rows
+
+
+def read_rows(paths) -> list[dict]:
+    return [json.loads(x) for p in paths for x in Path(p).read_text().splitlines() if x.strip()]
+
+
 def write_blind(rows: list[dict], out: Path, seed: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     order = list(range(len(rows)))
@@ -82,17 +116,40 @@ def write_blind(rows: list[dict], out: Path, seed: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="run directory (its config.yaml names the model)")
-    ap.add_argument("--stage", required=True, help="stage directory name under stages/, 'base', or 'all'")
+    ap.add_argument("--run", help="run directory (its config.yaml names the model)")
+    ap.add_argument("--stage", help="stage directory name under stages/, 'base', or 'all'")
     ap.add_argument("--n", type=int, default=80)
     ap.add_argument("--offset", type=int, default=0, help="skip this many prompts of the shuffled pool")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="the corpus file to write (JSON lines)")
+    ap.add_argument("--skip", nargs="*", default=[], help="corpus files whose (run, stage) pairs are left out")
+    ap.add_argument("--evals", action="store_true", help="sample the evaluation stages' AdvBench answers instead")
+    ap.add_argument("--merge", nargs="*", help="only merge these corpus files into --blind")
     ap.add_argument("--blind", help="also write DIR/blind.jsonl (shuffled, anonymous) and DIR/key.jsonl")
     args = ap.parse_args()
+    if args.merge:
+        if not args.blind:
+            raise SystemExit("--merge writes a blind set: give --blind DIR")
+        write_blind(read_rows(args.merge), Path(args.blind), args.seed)
+        return
+    if not (args.run and args.out and (args.stage or args.evals)):
+        raise SystemExit("give --run, --out and --stage (or --evals), or --merge FILE ... --blind DIR")
     torch.set_num_threads(args.threads)
     run = Path(args.run)
+    skip = {(r["run"], r["stage"]) for r in read_rows(args.skip)}
+    if args.evals:
+        rows = eval_rows(run, args.n, args.seed, skip)
+    else:
+        rows = answer_rows(run, args, skip)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    if args.blind:
+        write_blind(rows, Path(args.blind), args.seed)
+
+
+def answer_rows(run: Path, args, skip: set) -> list[dict]:
     # Only the model and data sections matter here (newer runs may carry keys this checkout lacks).
     raw = yaml.safe_load((run / "config.yaml").read_text())
     known = {k: {f.name for f in dataclasses.fields(t)} for k, t in (("model", ModelConfig), ("data", DataConfig))}
@@ -102,13 +159,13 @@ def main() -> None:
     pool = training_prompts(data_dir, cfg, args.seed)
     tok = load_tokenizer(cfg.model)
     stages = finished_stages(run) if args.stage == "all" else [args.stage]
+    stages = [s for s in stages if (str(run), s) not in skip]
+    if args.n > len(pool):
+        raise SystemExit(f"the pool holds {len(pool)} training-side prompts; --n {args.n} is more: lower --n")
     rows = []
     for i, stage in enumerate(stages):
         start = args.offset + i * args.n
-        prompts = pool[start:start + args.n]
-        if len(prompts) < args.n:
-            raise SystemExit(f"the pool holds {len(pool)} training-side prompts: {len(stages)} stages x --n {args.n} "
-                             f"from --offset {args.offset} do not fit; lower --n")
+        prompts = [pool[(start + j) % len(pool)] for j in range(args.n)]  # wraps: see the docstring
         recipe = ModelRecipe() if stage == "base" else ModelRecipe.load(run / "stages" / stage / "recipe.json")
         model = build_model(cfg.model, tok, recipe, root=run, train=None)
         answers = generate(model, tok, prompts, fmt=cfg.model.prompt_format, max_new_tokens=cfg.eval.max_new_tokens,
@@ -116,11 +173,7 @@ def main() -> None:
         kind = stage_kind(run, stage)
         rows += [{"prompt": p, "answer": a, "stage": stage, "kind": kind, "run": str(run)}
                  for p, a in zip(prompts, answers)]
-    with open(args.out, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    if args.blind:
-        write_blind(rows, Path(args.blind), args.seed)
+    return rows
 
 
 if __name__ == "__main__":

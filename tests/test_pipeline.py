@@ -53,6 +53,29 @@ def test_table_has_controls_and_attacks(tiny_run):
     assert cells[-1] == "–" if cells[4] == cells[5] == "0" else cells[-1].endswith("(prompts only)")
 
 
+def test_tiny_run_outputs_equal_the_committed_fingerprint(tiny_run):
+    """Behaviour unchanged: a refactor leaves stage names, result rows, answers and losses as
+    tests/golden/tiny_run.json has them (see tests/golden/fingerprint.py to rewrite it)."""
+    import os
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "golden"))
+    from fingerprint import fingerprint, mismatches
+
+    cfg, out, rows = tiny_run
+    got = fingerprint(out, rows)
+    golden = Path(__file__).parent / "golden" / "tiny_run.json"
+    if os.environ.get("BOOSTER_WRITE_GOLDEN"):
+        golden.write_text(json.dumps(got, indent=1) + "\n")
+    want = json.loads(golden.read_text())
+    assert not mismatches(got, want), "\n".join(mismatches(got, want)[:10])
+    # the check can fail: a loss moved by more than the tolerance is caught
+    name = next(n for n in want["stages"] if n.startswith("align-"))
+    moved = json.loads(json.dumps(want))
+    moved["stages"][name]["train"][0]["loss"] += 0.01 * max(1.0, abs(moved["stages"][name]["train"][0]["loss"]))
+    assert mismatches(moved, want) and not mismatches(want, want)
+
+
 def test_report_command_rebuilds_tables(tiny_run, capsys):
     cfg, out, rows = tiny_run
     (out / "results.md").unlink()
