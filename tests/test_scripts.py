@@ -184,3 +184,43 @@ def test_the_report_compares_defences_even_at_a_single_setting(tmp_path):
     (section,) = paired_sections(tmp_path, rows, ())
     line = next(x for x in section.splitlines() if x.startswith("| p=0.2"))
     assert [c.strip() for c in line.strip("|").split("|")][1:6] == ["1", "33", "17", "1", "0"]
+
+
+def test_corpus_labels_settles_disputes_with_the_third_rater(tmp_path):
+    """Two raters agree on ids 0 and 2 and split on 1; C settles 1; id 3 lacks B's label."""
+    d = tmp_path / "blind"
+    d.mkdir()
+    rows = [{"id": i, "prompt": f"p{i}", "answer": f"a{i}"} for i in range(4)]
+    (d / "blind.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "key.jsonl").write_text("".join(json.dumps({**r, "kind": "sft", "stage": f"s{i}"}) + "\n"
+                                         for i, r in enumerate(rows)))
+    script = [sys.executable, str(ROOT / "scripts" / "corpus_labels.py")]
+    run = lambda *a: subprocess.run([*script, *a], capture_output=True, text=True, timeout=60)  # noqa: E731
+    assert run("split", str(d), "--size", "3").returncode == 0
+    assert [len(p.read_text().splitlines()) for p in sorted((d / "chunks").glob("*.jsonl"))] == [3, 1]
+
+    def labels(rater, pairs):
+        (d / "labels" / rater).mkdir(parents=True, exist_ok=True)
+        (d / "labels" / rater / "x.jsonl").write_text(
+            "".join(json.dumps({"id": i, "label": lab, "note": f"{rater}{i}"}) + "\n" for i, lab in pairs))
+
+    labels("A", [(0, 1), (1, 1), (2, 0), (3, 0)])
+    labels("B", [(0, 1), (1, 0), (2, 0)])
+    assert run("disputes", str(d)).returncode == 0
+    assert [json.loads(x)["id"] for x in (d / "disputes.jsonl").read_text().splitlines()] == [1]
+    out = run("join", str(d), "--out", str(tmp_path / "c.jsonl"))
+    assert json.loads(out.stdout)["unsettled"] == 1  # id 1 waits for C
+    labels("C", [(1, 0)])
+    (tmp_path / "h.txt").write_text("labelled by two raters")
+    out = run("join", str(d), "--out", str(tmp_path / "c.jsonl"), "--header", str(tmp_path / "h.txt"))
+    summary = json.loads(out.stdout)
+    assert (summary["written"], summary["unlabelled"], summary["unsettled"]) == (3, 1, 0)
+    assert summary["A_vs_B"]["agreement"] == round(2 / 3, 4)
+    text = (tmp_path / "c.jsonl").read_text().splitlines()
+    assert text[0] == "# labelled by two raters"
+    got = [json.loads(x) for x in text[1:]]
+    assert [(r["prompt"], r["label"], r["raters"]) for r in got] == [
+        ("p0", 1, {"A": 1, "B": 1}), ("p1", 0, {"A": 1, "B": 0, "C": 0}), ("p2", 0, {"A": 0, "B": 0})]
+    assert got[1]["stage"] == "s1" and got[1]["note"] == "A1 | B1 | C1"
+    labels("B", [(0, 2)])
+    assert "label 0 or 1" in run("status", str(d)).stderr
