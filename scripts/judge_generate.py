@@ -21,7 +21,8 @@ The pool (~820 prompts) is smaller than a 2,000-answer corpus: slices wrap aroun
 prompt is answered by several models (the classifier's split is by prompt, so no prompt is
 on both sides). ``--skip FILE`` leaves out the stages an earlier corpus file already answered
 (a second part, once more models have finished; give it ``--offset`` = the rows made so far).
-``--merge FILE ...`` makes one blind set from several corpus files without generating;
+``--merge FILE ...`` makes one blind set from several corpus files without generating (an
+answer two models gave to the same prompt is kept once, with the first file's provenance);
 ``--evals`` takes the answers the evaluation stages already gave to AdvBench prompts
 (``--n`` per stage, the fresh validation set) instead of generating new ones.
 
@@ -131,7 +132,13 @@ def main() -> None:
     if args.merge:
         if not args.blind:
             raise SystemExit("--merge writes a blind set: give --blind DIR")
-        write_blind(read_rows(args.merge), Path(args.blind), args.seed)
+        rows, seen = [], set()
+        for row in read_rows(args.merge):  # one reading per (prompt, answer): two models may say the same
+            if (row["prompt"], row["answer"]) not in seen:
+                seen.add((row["prompt"], row["answer"]))
+                rows.append(row)
+        print(f"{len(rows)} answers to label ({len(seen)} distinct of the files' rows)")
+        write_blind(rows, Path(args.blind), args.seed)
         return
     if not (args.run and args.out and (args.stage or args.evals)):
         raise SystemExit("give --run, --out and --stage (or --evals), or --merge FILE ... --blind DIR")
