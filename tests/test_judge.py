@@ -149,6 +149,30 @@ def test_threshold_choice():
         ClassifierSettings(threshold=1.5)
 
 
+def test_threshold_on_the_smollm2_rows_ignores_the_others():
+    from booster.evaluate.classifier_model import ClassifierSettings
+    from booster.evaluate.classifier_train import heldout_threshold
+
+    pair = judge_data.Pair
+    # other models' rows want 0.85 (their negatives sit at 0.8); SmolLM2's want 0.5
+    test = [pair("a", "x", 0, "judge_labels:h"), pair("b", "x", 0, "judge_labels:h"), pair("c", "x", 1, "safety"),
+            pair("d", "x", 0, "smollm2:sft"), pair("e", "x", 1, "smollm2:sft+attack")]
+    probs = [0.8, 0.8, 0.9, 0.3, 0.7]
+    assert heldout_threshold(ClassifierSettings(), test, probs) == 0.8
+    assert heldout_threshold(ClassifierSettings(threshold_on="smollm2"), test, probs) == 0.5
+    assert heldout_threshold(ClassifierSettings(threshold=0.3, threshold_on="smollm2"), test, probs) == 0.3
+    with pytest.raises(JudgeError, match="no SmolLM2 answers"):
+        heldout_threshold(ClassifierSettings(threshold_on="smollm2"), test[:3], probs[:3])
+    with pytest.raises(JudgeError, match="threshold_on must be all or smollm2"):
+        ClassifierSettings(threshold_on="advbench")
+
+
+def test_in_domain_only_training_keeps_smollm2_answers(data_dir):
+    pairs = judge_data.assemble(data_dir, out_of_domain=False)
+    assert pairs and all(p.source.startswith("smollm2:") for p in pairs)
+    assert {p.label for p in pairs} == {0, 1}
+
+
 def test_stage_kind_never_guesses_p():
     from booster.evaluate.judge_report import stage_kind
 
@@ -172,6 +196,9 @@ def test_build_is_cached_by_settings(tmp_path, monkeypatch, data_dir):
     assert c not in (a, b)
     # an option added later keeps the keys of builds made before it (the default's key is in docs)
     assert build_key(ClassifierSettings(more_labels=False), data_dir) == build_key(ClassifierSettings(), data_dir)
+    assert build_key(ClassifierSettings(corpus=False, out_of_domain=True, threshold_on="all"),
+                     data_dir) == build_key(ClassifierSettings(), data_dir) == a.name
+    assert build_key(ClassifierSettings(threshold_on="smollm2"), data_dir) != a.name
 
 
 def test_classifier_path_errors(tmp_path):

@@ -63,6 +63,14 @@ class ClassifierSettings:
     more_labels: bool = False
     """Also train on the second batch of SmolLM2 hand labels (smollm2_train_labels_2.jsonl).
     Measured and not adopted as the default: docs/judge.md."""
+    corpus: bool = False
+    """Also train on the two-rater labelled corpus (smollm2_corpus_labels.jsonl; issue 37)."""
+    out_of_domain: bool = True
+    """Train on other models' labelled answers too (judge_labels, refusals, harmful_qa); False:
+    SmolLM2's own answers (and the synthetic negatives built from them) only."""
+    threshold_on: str = "all"
+    """Where the threshold is chosen (when ``threshold`` is None): 'all' held-out rows, or
+    'smollm2', the held-out SmolLM2 answers only (the answers the judge is for)."""
     limit: int | None = None
     """Train on at most this many pairs (a quick build for tests); None: all."""
     seed: int = 0
@@ -72,6 +80,8 @@ class ClassifierSettings:
             raise JudgeError(f"classifier mode {self.mode!r} is not known; choose finetune or frozen")
         if not 32 <= self.max_tokens <= 512:
             raise JudgeError(f"classifier max_tokens must be in [32, 512], got {self.max_tokens}")
+        if self.threshold_on not in ("all", "smollm2"):
+            raise JudgeError(f"classifier threshold_on must be all or smollm2, got {self.threshold_on!r}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise JudgeError(f"classifier threshold must be in (0, 1) or null, got {self.threshold}")
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.c <= 0 or self.in_domain_weight < 1:

