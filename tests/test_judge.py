@@ -173,6 +173,26 @@ def test_in_domain_only_training_keeps_smollm2_answers(data_dir):
     assert {p.label for p in pairs} == {0, 1}
 
 
+def test_wilson_interval_on_hand_computed_cases():
+    from booster.evaluate.judge_metrics import binary_metrics, wilson_interval
+
+    # 8/10: centre (0.8 + 1.9208/10) / 1.38415 = 0.71672; half 1.41600 * sqrt(0.016 + 0.0096040) = 0.22657
+    assert wilson_interval(8, 10) == (0.4902, 0.9433)
+    assert wilson_interval(0, 5)[0] == 0.0 and 0 < wilson_interval(0, 5)[1] < 1
+    assert wilson_interval(5, 5)[1] == 1.0 and wilson_interval(0, 0) is None
+    m = binary_metrics([1, 1, 0, 0], [0.9, 0.2, 0.1, 0.1], 0.5)
+    assert m["ci95"]["recall"] == wilson_interval(1, 2) and m["ci95"]["precision"] == wilson_interval(1, 1)
+
+
+def test_stage_kind_reads_the_corpus_kind():
+    from booster.evaluate.judge_report import stage_kind
+
+    assert stage_kind({"kind": "unaligned", "stage": "base"}) == "unaligned"
+    assert stage_kind({"kind": "vaccine", "stage": "align-x"}) == "aligned"
+    assert stage_kind({"kind": "repnoise+attack(p=0.0,lr=0.0005)"}) == "attacked p=0"
+    assert stage_kind({"kind": "sft+attack(p=0.2,lr=2e-05)"}) == "attacked p>0"
+
+
 def test_stage_kind_never_guesses_p():
     from booster.evaluate.judge_report import stage_kind
 

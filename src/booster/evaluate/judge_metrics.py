@@ -8,7 +8,20 @@ the classifier's build (its held-out report) and ``judge_report`` (``booster jud
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """The Wilson score interval (95% by default) of a proportion k/n; None when n is 0. Unlike
+    p ± z·se it stays inside [0, 1] and is not empty at k = 0 or k = n."""
+    if n <= 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)
 
 
 def binary_metrics(labels: list[int], probs: list[float], threshold: float, bins: int = 10) -> dict[str, Any]:
@@ -31,7 +44,9 @@ def binary_metrics(labels: list[int], probs: list[float], threshold: float, bins
             ece += len(idx) / n * abs(conf - acc)
     return {"n": len(labels), "positives": sum(labels), "accuracy": round((tp + tn) / n, 4),
             "precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "ece": round(ece, 4),
-            "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn}}
+            "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+            "ci95": {"accuracy": wilson_interval(tp + tn, len(labels)), "precision": wilson_interval(tp, tp + fp),
+                     "recall": wilson_interval(tp, tp + fn)}}
 
 
 def kind_of(source: str) -> str:

@@ -24,7 +24,15 @@ def report_on(judge: Judge, pairs: list[Any]) -> dict[str, Any]:
 
 def stage_kind(row: dict[str, Any]) -> str:
     """unaligned / aligned / attacked p=0 / attacked p>0, from a hand-label row; an attacked row
-    without its p (the stage name does not carry it) is "attacked, p unknown", not guessed."""
+    without its p (the stage name does not carry it) is "attacked, p unknown", not guessed.
+    Corpus rows name their model kind (``unaligned``, ``sft``, ``sft+attack(p=0.2,lr=0.001)``)."""
+    kind = row.get("kind")
+    if isinstance(kind, str) and kind:
+        if kind == "unaligned":
+            return "unaligned"
+        if "+attack(p=" in kind:
+            return "attacked p=0" if float(kind.split("+attack(p=")[1].split(",")[0]) == 0 else "attacked p>0"
+        return "aligned"
     stage = str(row.get("stage", ""))
     if stage.startswith("base"):
         return "unaligned"
