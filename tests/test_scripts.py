@@ -248,3 +248,18 @@ def test_judge_validate_reports_intervals_and_rater_agreement(tmp_path):
     assert m["ci95"]["recall"][1] == 1.0 and m["ci95"]["recall"][0] < 0.5
     assert set(report["judges"]["refusal"]["groups"]) == {"unaligned", "aligned", "attacked p=0", "attacked p>0"}
     assert "| refusal |" in out.stdout and "Raters A vs B: agreement 0.750" in out.stdout
+
+
+def test_judge_choose_compares_on_rows_every_build_held_out(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from judge_choose import common_heldout
+
+    from booster.evaluate.judge_data import Pair, write_split
+
+    a, b, c = (Pair(f"p{i}", f"a{i}", i % 2, "smollm2:sft") for i in range(3))
+    other = Pair("q", "x", 1, "judge_labels:harm")
+    synthetic = Pair("p0", "Sure", 0, "smollm2:sft:synthetic")
+    for name, test in (("one", [a, b, other, synthetic]), ("two", [b, c, other])):
+        (tmp_path / name).mkdir()
+        write_split(tmp_path / name / "split.jsonl", [], test)
+    assert common_heldout([tmp_path / "one", tmp_path / "two"]) == [b]
