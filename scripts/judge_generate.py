@@ -123,6 +123,9 @@ def main() -> None:
     ap.add_argument("--offset", type=int, default=0, help="skip this many prompts of the shuffled pool")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="answers decoded together; larger is faster, and in bf16 may change some answers (still "
+                         "the model's own: fine for a corpus)")
     ap.add_argument("--out", help="the corpus file to write (JSON lines)")
     ap.add_argument("--skip", nargs="*", default=[], help="corpus files whose (run, stage) pairs are left out")
     ap.add_argument("--evals", action="store_true", help="sample the evaluation stages' AdvBench answers instead")
@@ -176,7 +179,7 @@ def answer_rows(run: Path, args, skip: set) -> list[dict]:
         recipe = ModelRecipe() if stage == "base" else ModelRecipe.load(run / "stages" / stage / "recipe.json")
         model = build_model(cfg.model, tok, recipe, root=run, train=None)
         answers = generate(model, tok, prompts, fmt=cfg.model.prompt_format, max_new_tokens=cfg.eval.max_new_tokens,
-                           batch_size=16, desc=f"answers {stage}")
+                           batch_size=args.batch_size, desc=f"answers {stage}")
         kind = stage_kind(run, stage)
         rows += [{"prompt": p, "answer": a, "stage": stage, "kind": kind, "run": str(run)}
                  for p, a in zip(prompts, answers)]
