@@ -19,6 +19,7 @@ TASKS: tuple[str, ...] = ("sst2", "agnews", "gsm8k", "instructions")
 JUDGES: dict[str, Any] = {
     "refusal": "booster.evaluate.judges:RefusalJudge",
     "classifier": "booster.evaluate.classifier:ClassifierJudge",
+    "classifier_v1": "booster.evaluate.classifier:ClassifierV1Judge",
     "beaver_dam": "booster.evaluate.beaver_dam:BeaverDamJudge",
 }
 """Judge name -> 'module:Class', imported on use (the classifier and beaver_dam pull in torch),

@@ -35,7 +35,7 @@ class ClassifierJudge(Judge):
                 raise JudgeError(f"{self.dir} is no built classifier judge (no {JUDGE_FILE}); "
                                  "build one with `booster judge train --out DIR` or unset eval.judge_path")
         else:
-            self.dir = build(settings, data_dir)
+            self.dir = build(settings or self.default_settings(), data_dir)
         self.meta = json.loads((self.dir / JUDGE_FILE).read_text())
         if self.meta.get("format") != FORMAT_VERSION:
             raise JudgeError(f"{self.dir} was built by another version of the classifier; rebuild it with "
@@ -48,6 +48,11 @@ class ClassifierJudge(Judge):
         self._enc: PairEncoder | None = None
 
     @classmethod
+    def default_settings(cls) -> ClassifierSettings:
+        """What this judge builds when no directory is given."""
+        return ClassifierSettings()
+
+    @classmethod
     def from_config(cls, path: str | None = None, data_dir: str | Path | None = None) -> "ClassifierJudge":
         return cls(path, data_dir=data_dir)
 
@@ -56,7 +61,7 @@ class ClassifierJudge(Judge):
         if path is not None:
             return False
         data_dir = resolve_data_dir(str(data_dir) if data_dir else None)
-        return not (default_dir(ClassifierSettings(), data_dir) / JUDGE_FILE).is_file()
+        return not (default_dir(cls.default_settings(), data_dir) / JUDGE_FILE).is_file()
 
     @property
     def version(self) -> str:
@@ -91,3 +96,15 @@ class ClassifierJudge(Judge):
             self._load()
         out, self.last_truncated = harm_probs(self._model, self._enc, prompts, answers, self.batch_size)
         return out
+
+
+class ClassifierV1Judge(ClassifierJudge):
+    """The first classifier judge (the default until issue 37's judge v2): trained on other
+    models' labelled answers and 544 single-rater SmolLM2 labels, threshold chosen on all held-out
+    rows. Kept selectable by name, so earlier harmful scores can be reproduced and compared."""
+
+    name = "classifier_v1"
+
+    @classmethod
+    def default_settings(cls) -> ClassifierSettings:
+        return ClassifierSettings(more_labels=False, corpus=False, out_of_domain=True, threshold_on="all")

@@ -153,14 +153,15 @@ def data_fingerprint(data_dir: Path, more_labels: bool = False, corpus: bool = F
 
 # Settings added after builds existed enter the build key only when changed from their default,
 # so that those builds keep their keys (and their cache directories).
-_KEY_IF_SET = ("more_labels", "corpus", "out_of_domain", "threshold_on")
+# Their values before they existed: a setting at that value is left out, whatever today's default.
+_BEFORE = {"more_labels": False, "corpus": False, "out_of_domain": True, "threshold_on": "all"}
+_KEY_IF_SET = tuple(_BEFORE)
 
 
 def keyed_settings(settings: ClassifierSettings, later: tuple[str, ...] = _KEY_IF_SET) -> dict[str, Any]:
-    """The settings with the ``later`` ones only where they differ from their default (so a
-    default build's key, its judge.json and so its version stay what they were)."""
-    default = asdict(ClassifierSettings())
-    return {k: v for k, v in asdict(settings).items() if k not in later or v != default[k]}
+    """The settings with the ``later`` ones only where they differ from the value they had before
+    they existed (so a build made before them keeps its key, its judge.json and so its version)."""
+    return {k: v for k, v in asdict(settings).items() if k not in later or v != _BEFORE[k]}
 
 
 # judge.json has recorded more_labels since it was added; the settings after it only when set.
