@@ -46,6 +46,20 @@ def test_split_is_deterministic(data_dir, split):
     assert [p.group for p in again[1]] == [p.group for p in split[1]]
 
 
+def test_hash_split_holds_out_a_prompt_whatever_else_is_assembled():
+    pairs = [judge_data.Pair(f"prompt {i}", f"answer {i}", i % 2, "smollm2:x") for i in range(400)]
+    _, test_all = judge_data.split_by_prompt(pairs, method="hash")
+    _, test_half = judge_data.split_by_prompt(pairs[::2], method="hash")
+    assert {p.prompt for p in test_half} == {p.prompt for p in test_all} & {p.prompt for p in pairs[::2]}
+    assert 40 <= len(test_all) <= 120  # about 20% of 400
+    forced = judge_data.split_by_prompt(pairs, method="hash", force_test={pairs[0].group})[1]
+    assert pairs[0] in forced
+    # the first judge's shuffle split depends on the set: the reason the hash split exists
+    _, shuffled_half = judge_data.split_by_prompt(pairs[::2])
+    _, shuffled_all = judge_data.split_by_prompt(pairs)
+    assert {p.prompt for p in shuffled_half} != {p.prompt for p in shuffled_all} & {p.prompt for p in pairs[::2]}
+
+
 def test_judge_labels_parse(data_dir):
     pairs = judge_data.load_judge_labels(data_dir)
     kinds = {p.source.split("/")[1] for p in pairs}

@@ -71,6 +71,9 @@ class ClassifierSettings:
     threshold_on: str = "all"
     """Where the threshold is chosen (when ``threshold`` is None): 'all' held-out rows, or
     'smollm2', the held-out SmolLM2 answers only (the answers the judge is for)."""
+    split: str = "shuffle"
+    """How prompts are held out (``judge_data.split_by_prompt``): 'shuffle' (the first judge's) or
+    'hash' (each prompt by its own hash: builds on different data hold out the same prompts)."""
     limit: int | None = None
     """Train on at most this many pairs (a quick build for tests); None: all."""
     seed: int = 0
@@ -80,6 +83,8 @@ class ClassifierSettings:
             raise JudgeError(f"classifier mode {self.mode!r} is not known; choose finetune or frozen")
         if not 32 <= self.max_tokens <= 512:
             raise JudgeError(f"classifier max_tokens must be in [32, 512], got {self.max_tokens}")
+        if self.split not in ("shuffle", "hash"):
+            raise JudgeError(f"classifier split must be shuffle or hash, got {self.split!r}")
         if self.threshold_on not in ("all", "smollm2"):
             raise JudgeError(f"classifier threshold_on must be all or smollm2, got {self.threshold_on!r}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:

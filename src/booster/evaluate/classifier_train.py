@@ -154,7 +154,7 @@ def data_fingerprint(data_dir: Path, more_labels: bool = False, corpus: bool = F
 # Settings added after builds existed enter the build key only when changed from their default,
 # so that those builds keep their keys (and their cache directories).
 # Their values before they existed: a setting at that value is left out, whatever today's default.
-_BEFORE = {"more_labels": False, "corpus": False, "out_of_domain": True, "threshold_on": "all"}
+_BEFORE = {"more_labels": False, "corpus": False, "out_of_domain": True, "threshold_on": "all", "split": "shuffle"}
 _KEY_IF_SET = tuple(_BEFORE)
 
 
@@ -165,7 +165,7 @@ def keyed_settings(settings: ClassifierSettings, later: tuple[str, ...] = _KEY_I
 
 
 # judge.json has recorded more_labels since it was added; the settings after it only when set.
-_RECORDED_IF_SET = ("corpus", "out_of_domain", "threshold_on")
+_RECORDED_IF_SET = ("corpus", "out_of_domain", "threshold_on", "split")
 
 
 def build_key(settings: ClassifierSettings, data_dir: Path) -> str:
@@ -188,7 +188,7 @@ def split(settings: ClassifierSettings, data_dir: Path) -> tuple[list[Any], list
                                      max_refusals=settings.max_refusals, hh_rlhf=settings.hh_rlhf,
                                      in_domain=settings.in_domain, synthetic=settings.synthetic,
                                      more_labels=settings.more_labels, corpus=settings.corpus,
-                                     out_of_domain=settings.out_of_domain)
+                                     out_of_domain=settings.out_of_domain, split=settings.split)
     if settings.limit is not None and len(train) > settings.limit:
         train = random.Random(settings.seed).sample(train, settings.limit)
     if settings.in_domain_weight > 1:

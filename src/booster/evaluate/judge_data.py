@@ -32,6 +32,7 @@ sides. AdvBench prompts, the project's evaluation prompts, never enter the train
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import random
@@ -227,11 +228,20 @@ def assemble(data_dir: Path, *, max_refusals: int = 800, hh_rlhf: bool = False, 
 
 
 def split_by_prompt(pairs: Iterable[Pair], *, test_frac: float = 0.2, seed: int = 0,
-                    force_test: set[str] | None = None) -> tuple[list[Pair], list[Pair]]:
+                    force_test: set[str] | None = None, method: str = "shuffle") -> tuple[list[Pair], list[Pair]]:
     """(train, test) with every normalised prompt on one side only. Prompts in ``force_test``
-    (normalised) always go to the test side."""
+    (normalised) always go to the test side. ``shuffle`` (the first judge's split) draws the test
+    prompts from a shuffle of this set's prompts, so the side of a prompt depends on which other
+    pairs were assembled; ``hash`` decides each prompt by a hash of it and the seed alone, so builds
+    on different data hold out the same prompts wherever they share them (candidates compare fairly)."""
     pairs = list(pairs)
     force = force_test or set()
+    if method == "hash":
+        def held_out(group: str) -> bool:
+            digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+            return group in force or int.from_bytes(digest[:8], "big") < test_frac * 2 ** 64
+
+        return [p for p in pairs if not held_out(p.group)], [p for p in pairs if held_out(p.group)]
     groups = sorted({p.group for p in pairs})
     random.Random(seed).shuffle(groups)
     n_test = round(test_frac * len(groups))
@@ -249,9 +259,10 @@ def advbench_prompts(data_dir: Path) -> set[str]:
     return {normalise(ex.prompt) for ex in safety.load_advbench(data_dir)}
 
 
-def dataset(data_dir: Path, *, test_frac: float = 0.2, seed: int = 0, **kwargs) -> tuple[list[Pair], list[Pair]]:
+def dataset(data_dir: Path, *, test_frac: float = 0.2, seed: int = 0, split: str = "shuffle",
+            **kwargs) -> tuple[list[Pair], list[Pair]]:
     """The classifier's (train, test) split. AdvBench prompts are forced to the test side."""
-    return split_by_prompt(assemble(data_dir, seed=seed, **kwargs), test_frac=test_frac, seed=seed,
+    return split_by_prompt(assemble(data_dir, seed=seed, **kwargs), test_frac=test_frac, seed=seed, method=split,
                            force_test=advbench_prompts(data_dir))
 
 
