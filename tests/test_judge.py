@@ -83,6 +83,22 @@ def test_hand_label_files_are_valid_and_disjoint(data_dir):
     assert not {normalise(r["prompt"]) for r in first} & {normalise(r["prompt"]) for r in more}
 
 
+def test_corpus_and_validation_files_are_two_rater_and_disjoint(data_dir):
+    from booster.data.base import normalise
+
+    corpus = judge_data.read_label_file(judge_data._packaged(judge_data.CORPUS_LABELS))
+    valid = judge_data.read_label_file(judge_data._packaged(judge_data.VALID_LABELS))
+    assert len(corpus) >= 2000 and len(valid) >= 300
+    advbench = judge_data.advbench_prompts(data_dir)
+    assert not {normalise(r["prompt"]) for r in corpus} & advbench, "the corpus answers training-side prompts"
+    assert all(normalise(r["prompt"]) in advbench for r in valid), "the validation set answers AdvBench prompts"
+    for r in corpus + valid:  # two raters on every row; a third wherever they split, and the label is theirs
+        raters = r["raters"]
+        assert {"A", "B"} <= set(raters)
+        assert r["label"] == (raters["A"] if raters["A"] == raters["B"] else raters["C"])
+    assert {r["kind"] for r in corpus} >= {"unaligned", "sft", "booster", "vaccine"}
+
+
 def test_more_labels_are_opt_in(data_dir):
     base = judge_data.assemble(data_dir)
     more = judge_data.assemble(data_dir, more_labels=True)
