@@ -5,7 +5,10 @@
 Each build holds out a different set of prompts (its split depends on what it trained on), so
 the candidates are compared on the SmolLM2 rows (hand labels and the two-rater corpus) that are
 on the held-out side of every build's ``split.jsonl``: no candidate has seen any of them.
-Each judge scores them at its own threshold; the table gives accuracy, precision, recall and
+``--baseline DIR`` adds a build that never trained on these rows (the first judge, built before
+the corpus existed): it is scored on the same rows and can be chosen, so whether a new judge
+replaces the old one is decided here too, not on the validation set. Each judge scores them at
+its own threshold; the table gives accuracy, precision, recall and
 F1 with Wilson 95% intervals, and the choice is the highest accuracy (ties: F1). The fresh
 validation set is not read here: it is for the chosen judge's report only.
 """
@@ -36,6 +39,8 @@ def common_heldout(dirs: list[Path]) -> list[judge_data.Pair]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path)
+    ap.add_argument("--baseline", action="append", type=Path, default=[],
+                    help="a build that never saw the corpus, scored on the same rows (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -47,7 +52,7 @@ def main() -> None:
     print(f"{len(rows)} held-out SmolLM2 answers common to all {len(args.dirs)} builds ({sum(labels)} harmful)\n")
     print("| build | threshold | accuracy | precision | recall | F1 | fp | fn |\n|---|---|---|---|---|---|---|---|")
     results = {}
-    for d in args.dirs:
+    for d in args.dirs + args.baseline:
         judge = ClassifierJudge(str(d))
         m = binary_metrics(labels, judge.probs([p.prompt for p in rows], [p.answer for p in rows]), judge.threshold)
         results[str(d)] = {"version": judge.version, "threshold": judge.threshold, "metrics": m,

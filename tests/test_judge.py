@@ -3,6 +3,8 @@ beaver_dam's configuration and error paths, and `booster judge eval`."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 from pathlib import Path
@@ -124,7 +126,9 @@ def quick_judge(tmp_path_factory, data_dir):
     from booster.evaluate.classifier_train import build
 
     out = tmp_path_factory.mktemp("judge") / "classifier"
-    build(ClassifierSettings(mode="frozen", limit=400, test_frac=0.05), data_dir, out=out)
+    # the first judge's data (other models' labelled answers in the mix): stable for these checks
+    v1 = dict(more_labels=False, corpus=False, out_of_domain=True, threshold_on="all", split="shuffle")
+    build(ClassifierSettings(mode="frozen", limit=400, test_frac=0.05, **v1), data_dir, out=out)
     return make_judge("classifier", str(out))
 
 
@@ -188,7 +192,7 @@ def test_threshold_on_the_smollm2_rows_ignores_the_others():
     test = [pair("a", "x", 0, "judge_labels:h"), pair("b", "x", 0, "judge_labels:h"), pair("c", "x", 1, "safety"),
             pair("d", "x", 0, "smollm2:sft"), pair("e", "x", 1, "smollm2:sft+attack")]
     probs = [0.8, 0.8, 0.9, 0.3, 0.7]
-    assert heldout_threshold(ClassifierSettings(), test, probs) == 0.8
+    assert heldout_threshold(ClassifierSettings(threshold_on="all"), test, probs) == 0.8
     assert heldout_threshold(ClassifierSettings(threshold_on="smollm2"), test, probs) == 0.5
     assert heldout_threshold(ClassifierSettings(threshold=0.3, threshold_on="smollm2"), test, probs) == 0.3
     with pytest.raises(JudgeError, match="no SmolLM2 answers"):
@@ -239,16 +243,18 @@ def test_build_is_cached_by_settings(tmp_path, monkeypatch, data_dir):
     from booster.evaluate.classifier_train import build_key, default_dir
 
     monkeypatch.setenv("BOOSTER_CACHE", str(tmp_path))
-    a = default_dir(ClassifierSettings(), data_dir)
-    b = default_dir(ClassifierSettings(mode="frozen"), data_dir)
+    from booster.evaluate.classifier import ClassifierV1Judge
+
+    v1 = ClassifierV1Judge.default_settings()
+    a = default_dir(v1, data_dir)
+    b = default_dir(dataclasses.replace(v1, mode="frozen"), data_dir)
     assert a != b and a.parent == tmp_path / "judges" and a.name.startswith("classifier-")
-    c = default_dir(ClassifierSettings(more_labels=True), data_dir)
+    c = default_dir(dataclasses.replace(v1, more_labels=True), data_dir)
     assert c not in (a, b)
-    # an option added later keeps the keys of builds made before it (the default's key is in docs)
-    assert build_key(ClassifierSettings(more_labels=False), data_dir) == build_key(ClassifierSettings(), data_dir)
-    assert build_key(ClassifierSettings(corpus=False, out_of_domain=True, threshold_on="all"),
-                     data_dir) == build_key(ClassifierSettings(), data_dir) == a.name
-    assert build_key(ClassifierSettings(threshold_on="smollm2"), data_dir) != a.name
+    # options added later keep the keys of builds made before them: the first judge is still
+    # classifier-d768146806 (docs/judge.md), whatever today's defaults are
+    assert a.name == "classifier-d768146806"
+    assert build_key(ClassifierSettings(), data_dir) not in (a.name, b.name, c.name)  # judge v2
 
 
 def test_classifier_path_errors(tmp_path):

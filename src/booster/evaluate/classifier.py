@@ -107,4 +107,4 @@ class ClassifierV1Judge(ClassifierJudge):
 
     @classmethod
     def default_settings(cls) -> ClassifierSettings:
-        return ClassifierSettings(more_labels=False, corpus=False, out_of_domain=True, threshold_on="all")
+        return ClassifierSettings(more_labels=False, corpus=False, out_of_domain=True, threshold_on="all", split="shuffle")

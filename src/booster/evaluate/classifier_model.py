@@ -60,18 +60,18 @@ class ClassifierSettings:
     in_domain_weight: int = 1
     """Times each hand-labelled SmolLM2 answer appears in training (they are few, and the
     answers the judge exists for)."""
-    more_labels: bool = False
+    more_labels: bool = True
     """Also train on the second batch of SmolLM2 hand labels (smollm2_train_labels_2.jsonl).
     Measured and not adopted as the default: docs/judge.md."""
-    corpus: bool = False
+    corpus: bool = True
     """Also train on the two-rater labelled corpus (smollm2_corpus_labels.jsonl; issue 37)."""
     out_of_domain: bool = True
     """Train on other models' labelled answers too (judge_labels, refusals, harmful_qa); False:
     SmolLM2's own answers (and the synthetic negatives built from them) only."""
-    threshold_on: str = "all"
+    threshold_on: str = "smollm2"
     """Where the threshold is chosen (when ``threshold`` is None): 'all' held-out rows, or
     'smollm2', the held-out SmolLM2 answers only (the answers the judge is for)."""
-    split: str = "shuffle"
+    split: str = "hash"
     """How prompts are held out (``judge_data.split_by_prompt``): 'shuffle' (the first judge's) or
     'hash' (each prompt by its own hash: builds on different data hold out the same prompts)."""
     limit: int | None = None
