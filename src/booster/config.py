@@ -221,8 +221,9 @@ class EvalConfig:
     """Generation engine: 'hf' (transformers, batched, KV cache; CPU or GPU) or 'vllm' (GPU only,
     optional package; the model is merged into one directory first)."""
     judge: str = "classifier"
-    """Harmfulness judge: classifier (offline MiniLM harm classifier, built on first use;
-    docs/judge.md), refusal (phrase matcher), beaver_dam (the paper's 7B judge, GPU)."""
+    """Harmfulness judge: classifier (judge v2, the offline MiniLM harm classifier, built on first
+    use; docs/judge.md), classifier_v1 (the first one), refusal (phrase matcher), beaver_dam (the
+    paper's 7B judge, GPU)."""
     judge_path: str | None = None
     """Judge weights: a built classifier directory (`booster judge train --out DIR`), or for
     beaver_dam a local copy or hub id. Unset: the judge's default."""

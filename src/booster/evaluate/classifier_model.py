@@ -62,7 +62,7 @@ class ClassifierSettings:
     answers the judge exists for)."""
     more_labels: bool = True
     """Also train on the second batch of SmolLM2 hand labels (smollm2_train_labels_2.jsonl).
-    Measured and not adopted as the default: docs/judge.md."""
+    Part of judge v2 (the default since issue 37); the first judge trained without it."""
     corpus: bool = True
     """Also train on the two-rater labelled corpus (smollm2_corpus_labels.jsonl; issue 37)."""
     out_of_domain: bool = True
