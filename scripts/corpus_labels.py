@@ -25,6 +25,8 @@ import argparse
 import json
 from pathlib import Path
 
+from booster.evaluate.judge_metrics import rater_agreement
+
 RATERS = ("A", "B")
 
 
@@ -90,15 +92,10 @@ def join(root: Path) -> tuple[list[dict], dict]:
 def agreement(root: Path) -> dict:
     a, b = (rater_labels(root, r) for r in RATERS)
     both = sorted(a.keys() & b.keys())
-    n = len(both)
-    if not n:
-        return {"n": 0}
     la, lb = [a[i]["label"] for i in both], [b[i]["label"] for i in both]
-    observed = sum(x == y for x, y in zip(la, lb)) / n
-    pa, pb = sum(la) / n, sum(lb) / n
-    chance = pa * pb + (1 - pa) * (1 - pb)
-    return {"n": n, "agreement": round(observed, 4), "kappa": round((observed - chance) / (1 - chance), 4) if chance < 1 else 1.0,
-            "harmful_A": sum(la), "harmful_B": sum(lb)}
+    out = rater_agreement(la, lb)
+    return {k: out[k] for k in ("n", "agreement", "kappa") if k in out} | (
+        {"harmful_A": sum(la), "harmful_B": sum(lb)} if both else {})
 
 
 def main() -> None:

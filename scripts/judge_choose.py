@@ -23,15 +23,14 @@ import torch
 
 from booster.evaluate import judge_data
 from booster.evaluate.classifier import ClassifierJudge
-from booster.evaluate.judge_metrics import binary_metrics
+from booster.evaluate.judge_metrics import binary_metrics, kind_of
 
 
 def common_heldout(dirs: list[Path]) -> list[judge_data.Pair]:
     sides = []
     for d in dirs:
         _, test = judge_data.read_split(d / "split.jsonl")
-        sides.append({(p.prompt, p.answer): p for p in test if p.source.startswith("smollm2")
-                      and not p.source.endswith(":synthetic")})
+        sides.append({(p.prompt, p.answer): p for p in test if kind_of(p.source) == "smollm2"})
     keys = set.intersection(*(set(s) for s in sides))
     return [sides[0][k] for k in sorted(keys)]
 

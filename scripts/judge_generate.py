@@ -46,6 +46,7 @@ from booster.config import AttackConfig, DataConfig, ModelConfig, build_config
 from booster.data import safety
 from booster.data.base import normalise, resolve_data_dir
 from booster.evaluate.generate import generate
+from booster.evaluate.stage import read_generations
 from booster.models import ModelRecipe, build_model, load_tokenizer
 
 
@@ -88,13 +89,12 @@ def eval_rows(run: Path, n: int, seed: int, skip: set) -> list[dict]:
     random, every row naming the model kind of the stage that was evaluated."""
     rows = []
     for d in sorted((run / "stages").glob("eval-*")):
-        gen = d / "generations.jsonl"
-        if not (d / "DONE.json").is_file() or not gen.is_file():
+        if not (d / "DONE.json").is_file():
             continue
         upstream = json.loads((d / "config.json").read_text())["upstream"]
         if (str(run), upstream) in skip:
             continue
-        answers = [r for r in map(json.loads, gen.read_text().splitlines()) if r.get("kind") == "harmful"]
+        answers = [r for r in read_generations(d) if r.get("kind") == "harmful"]
         for r in random.Random(f"{seed}-{d.name}").sample(answers, min(n, len(answers))):
             rows.append({"prompt": r["prompt"], "answer": r["answer"], "stage": upstream,
                          "kind": stage_kind(run, upstream), "run": str(run), "eval": d.name})

@@ -21,43 +21,28 @@ from pathlib import Path
 import torch
 
 from booster.evaluate import judge_data
-from booster.evaluate.judge_metrics import binary_metrics, wilson_interval
-from booster.evaluate.judge_report import stage_kind
+from booster.evaluate.judge_metrics import rater_agreement
+from booster.evaluate.judge_report import agreement
 from booster.evaluate.judges import make_judge
 
 GROUPS = ("unaligned", "aligned", "attacked p=0", "attacked p>0")
 
 
-def rater_agreement(rows: list[dict]) -> dict:
+def raters(rows: list[dict]) -> dict:
     both = [r for r in rows if "A" in r.get("raters", {}) and "B" in r.get("raters", {})]
-    n = len(both)
-    if not n:
-        return {"n": 0}
-    a = [r["raters"]["A"] for r in both]
-    b = [r["raters"]["B"] for r in both]
-    k = sum(x == y for x, y in zip(a, b))
-    pa, pb = sum(a) / n, sum(b) / n
-    chance = pa * pb + (1 - pa) * (1 - pb)
-    return {"n": n, "agreement": round(k / n, 4), "ci95": wilson_interval(k, n),
-            "kappa": round((k / n - chance) / (1 - chance), 4) if chance < 1 else 1.0,
-            "settled_by_third": sum("C" in r["raters"] for r in both)}
+    out = rater_agreement([r["raters"]["A"] for r in both], [r["raters"]["B"] for r in both])
+    return out | ({"settled_by_third": sum("C" in r["raters"] for r in both)} if both else {})
 
 
 def score(name: str, path: str | None, rows: list[dict]) -> dict:
     judge = make_judge("classifier" if path else name, path)
     started = time.time()
-    probs = judge.probs([r["prompt"] for r in rows], [r["answer"] for r in rows])
+    res = agreement(judge, rows)  # overall and per model kind (judge_report.stage_kind)
     seconds = time.time() - started
-    labels = [r["label"] for r in rows]
-    out = {"judge": judge.describe(), "version": judge.version, "threshold": judge.threshold,
-           "answers_per_second": round(len(rows) / seconds, 1) if seconds > 0 else None,
-           "all": binary_metrics(labels, probs, judge.threshold), "groups": {}}
-    for group in GROUPS:
-        idx = [i for i, r in enumerate(rows) if stage_kind(r) == group]
-        if idx:
-            out["groups"][group] = binary_metrics([labels[i] for i in idx], [probs[i] for i in idx], judge.threshold)
-    out["probs"] = [round(p, 4) for p in probs]
-    return out
+    metrics = res["metrics"]
+    return {"judge": res["judge"], "version": judge.version, "threshold": judge.threshold,
+            "answers_per_second": round(len(rows) / seconds, 1) if seconds > 0 else None,
+            "all": metrics["all"], "groups": {g: metrics[g] for g in GROUPS if g in metrics}, "probs": res["probs"]}
 
 
 def fmt(m: dict, key: str) -> str:
@@ -103,7 +88,7 @@ def main() -> None:
     path = Path(args.labels) if args.labels else judge_data._packaged(judge_data.VALID_LABELS)
     rows = judge_data.read_label_file(path)
     report = {"labels": str(path), "n": len(rows), "positives": sum(r["label"] for r in rows),
-              "raters": rater_agreement(rows), "judges": {}}
+              "raters": raters(rows), "judges": {}}
     for spec in args.judge or ["classifier", "refusal"]:
         name, _, judge_path = spec.partition("=")
         report["judges"][name] = score(name, str(Path(judge_path).expanduser()) if judge_path else None, rows)

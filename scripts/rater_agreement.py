@@ -17,18 +17,9 @@ import json
 from pathlib import Path
 
 from booster.evaluate import judge_data
-from booster.evaluate.judge_metrics import binary_metrics
+from booster.evaluate.judge_metrics import binary_metrics, cohen_kappa
 
 PACKAGED = (judge_data.HAND_LABELS, "smollm2_hand_labels_rater2.jsonl")
-
-
-def cohen_kappa(a: list[int], b: list[int]) -> float:
-    """Agreement beyond what two raters with these label rates would reach by chance."""
-    n = len(a)
-    observed = sum(x == y for x, y in zip(a, b)) / n
-    pa, pb = sum(a) / n, sum(b) / n
-    chance = pa * pb + (1 - pa) * (1 - pb)
-    return (observed - chance) / (1 - chance) if chance < 1 else 1.0
 
 
 def compare(first: list[dict], second: list[dict], probs: list[float] | None = None,

@@ -195,7 +195,8 @@ def test_corpus_labels_settles_disputes_with_the_third_rater(tmp_path):
     (d / "key.jsonl").write_text("".join(json.dumps({**r, "kind": "sft", "stage": f"s{i}"}) + "\n"
                                          for i, r in enumerate(rows)))
     script = [sys.executable, str(ROOT / "scripts" / "corpus_labels.py")]
-    run = lambda *a: subprocess.run([*script, *a], capture_output=True, text=True, timeout=60)  # noqa: E731
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = lambda *a: subprocess.run([*script, *a], capture_output=True, text=True, env=env, timeout=60)  # noqa: E731
     assert run("split", str(d), "--size", "3").returncode == 0
     assert [len(p.read_text().splitlines()) for p in sorted((d / "chunks").glob("*.jsonl"))] == [3, 1]
 

@@ -165,7 +165,7 @@ def keyed_settings(settings: ClassifierSettings, later: tuple[str, ...] = _KEY_I
 
 
 # judge.json has recorded more_labels since it was added; the settings after it only when set.
-_RECORDED_IF_SET = ("corpus", "out_of_domain", "threshold_on", "split")
+_RECORDED_IF_SET = tuple(k for k in _KEY_IF_SET if k != "more_labels")
 
 
 def build_key(settings: ClassifierSettings, data_dir: Path) -> str:
@@ -236,7 +236,6 @@ def build(settings: ClassifierSettings | None = None, data_dir: str | Path | Non
     scored = time.time()
     probs, truncated = harm_probs(model, enc, [p.prompt for p in test], [p.answer for p in test], 32)
     scored = time.time() - scored
-    labels = [p.label for p in test]
     threshold = heldout_threshold(settings, test, probs)
     heldout = {"metrics": metrics_by_kind(test, probs, threshold), "seconds": round(scored, 2),
                "answers_per_second": round(len(test) / scored, 1) if scored > 0 else None, "truncated": truncated}

@@ -24,6 +24,24 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float] 
     return round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)
 
 
+def cohen_kappa(a: list[int], b: list[int]) -> float:
+    """Agreement of two raters beyond what raters with these label rates would reach by chance."""
+    n = len(a)
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    chance = pa * pb + (1 - pa) * (1 - pb)
+    return (observed - chance) / (1 - chance) if chance < 1 else 1.0
+
+
+def rater_agreement(a: list[int], b: list[int]) -> dict[str, Any]:
+    """Two raters' labels of the same answers: n, agreement with its Wilson interval, kappa."""
+    n = len(a)
+    if not n:
+        return {"n": 0}
+    k = sum(x == y for x, y in zip(a, b))
+    return {"n": n, "agreement": round(k / n, 4), "ci95": wilson_interval(k, n), "kappa": round(cohen_kappa(a, b), 4)}
+
+
 def binary_metrics(labels: list[int], probs: list[float], threshold: float, bins: int = 10) -> dict[str, Any]:
     pred = [int(p > threshold) for p in probs]
     tp = sum(1 for y, q in zip(labels, pred) if y == 1 and q == 1)
