@@ -56,8 +56,8 @@ PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 def published_with_answers() -> list[Path]:
-    return sorted(d for d in PUBLISHED.iterdir()
-                  if (d / "results.jsonl").is_file() and list(d.glob("stages/eval-*/generations.jsonl.gz")))
+    return sorted(f.parent for f in PUBLISHED.rglob("results.jsonl")
+                  if list(f.parent.glob("stages/eval-*/generations.jsonl.gz")))
 
 
 def test_committed_scores_are_their_answers_verdicts():
