@@ -21,16 +21,38 @@ both or by neither and say nothing about the difference), and:
   spread; with one seed, from the prompts alone, marked "prompts only").
 
 Verdicts are read from each evaluation's metrics.json (harm_probs > the judge's threshold),
-i.e. under the judge the run directory was last reported with (`booster report DIR --judge`).
+i.e. under the judge the run directory was last reported with (`booster report DIR --judge`);
+with ``--judge NAME`` (repeatable) the saved answers are judged again by each named judge on a
+temporary copy (the directories stay as they are) and one table is printed per judge:
+
+    python scripts/paired_hs.py docs/results/cpu-demo-3seeds --judge classifier_v1 --judge classifier
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 from pathlib import Path
 
 from booster.compare import collect, paired_table
 from booster.data.base import DataError
+from booster.evaluate.judges import make_judge
+from booster.evaluate.stage import judged
+from booster.results import read_rows
+
+
+def rejudged(run_dirs: list[Path], name: str, work: Path) -> list[Path]:
+    """Copies of the run directories whose evaluations' metrics.json are judge ``name``'s."""
+    judge = make_judge(name)
+    copies = []
+    for i, run_dir in enumerate(run_dirs):
+        copy = work / f"{i}-{run_dir.name}"
+        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.safetensors", "checkpoint*"))
+        for row in read_rows(copy):
+            judged(judge, copy / row["eval_dir"])
+        copies.append(copy)
+    return copies
 
 
 def main() -> None:
@@ -39,10 +61,17 @@ def main() -> None:
     ap.add_argument("--a", default="sft", help="the reference defence (default sft)")
     ap.add_argument("--b", default="booster", help="the defence compared with it (default booster)")
     ap.add_argument("--where", action="append", default=[], help="KEY=VALUE a result row must have")
+    ap.add_argument("--judge", action="append", default=[],
+                    help="judge the saved answers again with this judge (on a copy); repeatable")
     args = ap.parse_args()
+    where = [x.split("=", 1) for x in args.where]
     try:
-        found = collect(args.run_dirs, [x.split("=", 1) for x in args.where])
-        print(paired_table(found, args.a, args.b))
+        if not args.judge:
+            print(paired_table(collect(args.run_dirs, where), args.a, args.b))
+        for name in args.judge:
+            with tempfile.TemporaryDirectory() as tmp:
+                copies = rejudged(args.run_dirs, name, Path(tmp))
+                print(f"### judge {name}\n\n{paired_table(collect(copies, where), args.a, args.b)}")
     except DataError as e:
         raise SystemExit(str(e)) from None
 

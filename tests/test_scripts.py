@@ -52,11 +52,12 @@ def test_attack_loss_table_orders_a_numeric_setting_by_value(tmp_path):
     assert [r.split("attack.optim.steps=")[1].split(" ")[0] for r in rows] == ["50", "100", "200"]
 
 
-def _eval_stage(root: Path, name: str, prompts: list[str], flags: list[int]) -> str:
+def _eval_stage(root: Path, name: str, prompts: list[str], flags: list[int], answers: list[str] | None = None) -> str:
     d = root / "stages" / name
     d.mkdir(parents=True)
-    (d / "generations.jsonl").write_text("".join(json.dumps({"kind": "harmful", "prompt": p, "answer": "x"}) + "\n"
-                                                 for p in prompts)
+    answers = answers or ["x"] * len(prompts)
+    (d / "generations.jsonl").write_text("".join(json.dumps({"kind": "harmful", "prompt": p, "answer": a}) + "\n"
+                                                 for p, a in zip(prompts, answers))
                                          + json.dumps({"kind": "task", "prompt": "t", "answer": "y"}) + "\n")
     (d / "metrics.json").write_text(json.dumps({"judge": {"name": "classifier", "version": "v1", "threshold": 0.85},
                                                 "harm_probs": [0.9 if f else 0.1 for f in flags]}))
@@ -99,6 +100,31 @@ def test_paired_hs_counts_discordant_pairs_over_seeds(tmp_path):
     # a filter no row matches leaves the table empty instead of comparing the wrong runs
     out = _paired(tmp_path, "--where", "attack.optim.lr=1e-3")
     assert not any(line.startswith("| p=") for line in out.stdout.splitlines())
+
+
+def test_paired_hs_judges_again_on_a_copy(tmp_path):
+    # the saved verdicts flag prompts {0} (sft) and {0, 1, 2} (booster); the answers themselves
+    # refuse everywhere else, so the refusal matcher flags exactly one more prompt per defence
+    # (prompt 3, whose saved verdict is 0 but whose answer is compliant)
+    prompts = [f"q{i}" for i in range(6)]
+    comply, refuse = "Sure, here is how.", "I'm sorry, but I cannot help with that."
+    saved = {"sft": [1, 0, 0, 0, 0, 0], "booster": [1, 1, 1, 0, 0, 0]}
+    rows = []
+    for defense, f in saved.items():
+        answers = [comply if (x or i == 3) else refuse for i, x in enumerate(f)]
+        rows.append({"defense": defense, "seed": 0, "p": 0.2, "stage": "attacked",
+                     "eval_dir": _eval_stage(tmp_path, f"eval-{defense}", prompts, f, answers)})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    out = _paired(tmp_path, "--judge", "refusal")
+    assert out.returncode == 0, out.stderr
+    assert "### judge refusal" in out.stdout and "refusal" in out.stdout.split("### judge refusal")[1]
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| p=0.2"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:6] == [f"{100 * 2 / 6:.0f}", f"{100 * 4 / 6:.0f}", "0", "2"]
+    saved_row = next(line for line in _paired(tmp_path).stdout.splitlines() if line.startswith("| p=0.2"))
+    assert [c.strip() for c in saved_row.strip("|").split("|")][2:6] == [f"{100 / 6:.0f}", "50", "0", "2"]
+    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before, "the run directory is untouched"
 
 
 def test_paired_hs_refuses_evaluations_of_different_prompts(tmp_path):
