@@ -29,6 +29,7 @@ answer two models gave to the same prompt is kept once, with the first file's pr
     python scripts/judge_generate.py --run runs/b --stage all --skip part1.jsonl --offset 880 --out part2.jsonl
     python scripts/judge_generate.py --merge part1.jsonl part2.jsonl --blind corpus/
     python scripts/judge_generate.py --run runs/b --evals --n 15 --out valid.jsonl --blind valid/
+    python scripts/judge_generate.py --run runs/b --evals --n 0 --where stage=attacked --where seed=1 --out s1.jsonl
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from booster.data.base import normalise, resolve_data_dir
 from booster.evaluate.generate import generate
 from booster.evaluate.stage import read_generations
 from booster.models import ModelRecipe, build_model, load_tokenizer
+from booster.results import read_rows as result_rows
+from booster.results import selected
 
 
 def training_prompts(data_dir: Path, cfg, seed: int) -> list[str]:
@@ -84,18 +87,19 @@ def finished_stages(run: Path) -> list[str]:
                              if d.name.split("-")[0] in ("align", "attack") and (d / "DONE.json").is_file())
 
 
-def eval_rows(run: Path, n: int, seed: int, skip: set) -> list[dict]:
+def eval_rows(run: Path, n: int, seed: int, skip: set, only: set[str] | None = None) -> list[dict]:
     """n harmful answers of each evaluation stage (AdvBench prompts, already generated), drawn at
-    random, every row naming the model kind of the stage that was evaluated."""
+    random (n <= 0: all of them), every row naming the model kind of the stage that was
+    evaluated; ``only``: the evaluation stages' names to take (default every finished one)."""
     rows = []
     for d in sorted((run / "stages").glob("eval-*")):
-        if not (d / "DONE.json").is_file():
+        if not (d / "DONE.json").is_file() or (only is not None and d.name not in only):
             continue
         upstream = json.loads((d / "config.json").read_text())["upstream"]
         if (str(run), upstream) in skip:
             continue
         answers = [r for r in read_generations(d) if r.get("kind") == "harmful"]
-        for r in random.Random(f"{seed}-{d.name}").sample(answers, min(n, len(answers))):
+        for r in answers if n <= 0 else random.Random(f"{seed}-{d.name}").sample(answers, min(n, len(answers))):
             rows.append({"prompt": r["prompt"], "answer": r["answer"], "stage": upstream,
                          "kind": stage_kind(run, upstream), "run": str(run), "eval": d.name})
     return rows
@@ -128,7 +132,10 @@ def main() -> None:
                          "the model's own: fine for a corpus)")
     ap.add_argument("--out", help="the corpus file to write (JSON lines)")
     ap.add_argument("--skip", nargs="*", default=[], help="corpus files whose (run, stage) pairs are left out")
-    ap.add_argument("--evals", action="store_true", help="sample the evaluation stages' AdvBench answers instead")
+    ap.add_argument("--evals", action="store_true",
+                    help="sample the evaluation stages' AdvBench answers instead (--n 0: every answer)")
+    ap.add_argument("--where", action="append", default=[],
+                    help="with --evals: only the evaluations of result rows with KEY=VALUE (e.g. stage=attacked)")
     ap.add_argument("--merge", nargs="*", help="only merge these corpus files into --blind")
     ap.add_argument("--blind", help="also write DIR/blind.jsonl (shuffled, anonymous) and DIR/key.jsonl")
     args = ap.parse_args()
@@ -149,7 +156,9 @@ def main() -> None:
     run = Path(args.run)
     skip = {(r["run"], r["stage"]) for r in read_rows(args.skip)}
     if args.evals:
-        rows = eval_rows(run, args.n, args.seed, skip)
+        where = [x.split("=", 1) for x in args.where]
+        only = {Path(r["eval_dir"]).name for r in result_rows(run) if selected(r, run, where)} if where else None
+        rows = eval_rows(run, args.n, args.seed, skip, only)
     else:
         rows = answer_rows(run, args, skip)
     with open(args.out, "w", encoding="utf-8") as f:

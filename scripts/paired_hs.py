@@ -22,10 +22,12 @@ both or by neither and say nothing about the difference), and:
 
 Verdicts are read from each evaluation's metrics.json (harm_probs > the judge's threshold),
 i.e. under the judge the run directory was last reported with (`booster report DIR --judge`);
-with ``--judge NAME`` (repeatable) the saved answers are judged again by each named judge on a
-temporary copy (the directories stay as they are) and one table is printed per judge:
+with ``--judge NAME`` (repeatable; ``NAME=PATH`` for a judge that reads a file, e.g. the raters'
+labels) the saved answers are judged again by each named judge on a temporary copy (the
+directories stay as they are) and one table is printed per judge:
 
-    python scripts/paired_hs.py docs/results/cpu-demo-3seeds --judge classifier_v1 --judge classifier
+    python scripts/paired_hs.py docs/results/cpu-demo-3seeds --judge classifier_v1 --judge classifier \
+        --judge raters=src/booster/judge_data/smollm2_demo_seeds_labels.jsonl
 """
 
 from __future__ import annotations
@@ -37,14 +39,16 @@ from pathlib import Path
 
 from booster.compare import collect, paired_table
 from booster.data.base import DataError
-from booster.evaluate.judges import make_judge
+from booster.evaluate.judges import JudgeError, make_judge
 from booster.evaluate.stage import judged
 from booster.results import read_rows
 
 
-def rejudged(run_dirs: list[Path], name: str, work: Path) -> list[Path]:
-    """Copies of the run directories whose evaluations' metrics.json are judge ``name``'s."""
-    judge = make_judge(name)
+def rejudged(run_dirs: list[Path], spec: str, work: Path) -> list[Path]:
+    """Copies of the run directories whose evaluations' metrics.json are the judge's of ``spec``
+    (NAME, or NAME=PATH for a judge that reads a file: raters=LABELS.jsonl)."""
+    name, _, path = spec.partition("=")
+    judge = make_judge(name, path or None)
     copies = []
     for i, run_dir in enumerate(run_dirs):
         copy = work / f"{i}-{run_dir.name}"
@@ -62,7 +66,7 @@ def main() -> None:
     ap.add_argument("--b", default="booster", help="the defence compared with it (default booster)")
     ap.add_argument("--where", action="append", default=[], help="KEY=VALUE a result row must have")
     ap.add_argument("--judge", action="append", default=[],
-                    help="judge the saved answers again with this judge (on a copy); repeatable")
+                    help="judge the saved answers again with this judge, NAME or NAME=PATH (on a copy); repeatable")
     args = ap.parse_args()
     where = [x.split("=", 1) for x in args.where]
     try:
@@ -72,7 +76,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 copies = rejudged(args.run_dirs, name, Path(tmp))
                 print(f"### judge {name}\n\n{paired_table(collect(copies, where), args.a, args.b)}")
-    except DataError as e:
+    except (DataError, JudgeError) as e:
         raise SystemExit(str(e)) from None
 
 

@@ -41,12 +41,12 @@ def rescore(run_dir: Path, judges: list, work: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path)
-    ap.add_argument("--judge", action="append", required=True, help="a judge name (its default build); repeatable")
+    ap.add_argument("--judge", action="append", required=True, help="a judge name (its default build), or NAME=PATH (raters=LABELS.jsonl); repeatable")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    judges = [make_judge(name) for name in args.judge]
+    judges = [make_judge(name, path or None) for name, _, path in (spec.partition("=") for spec in args.judge)]
     with tempfile.TemporaryDirectory() as tmp:
         text = "\n".join(rescore(d, judges, Path(tmp)) for d in args.dirs)
     print(text)

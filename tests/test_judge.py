@@ -458,3 +458,40 @@ def test_llm_probe_features_do_not_depend_on_batch_padding():
     assert probe.chat_text(tok, "q", pairs[1].answer, 64, 16) == probe.chat_text(tok, "q", pairs[2].answer, 64, 16)
     agree = probe.agree(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.1, 0.2]), 0.5)
     assert agree == {"agreement": 0.5, "fp": 1, "fn": 1, "n": 4, "positives": 2}
+
+
+# ---------------------------------------------------------------------------- raters
+
+def _labelled(path: Path, rows: list[tuple[str, str, int]]) -> Path:
+    path.write_text("# two raters, blind\n" + "".join(
+        json.dumps({"prompt": p, "answer": a, "label": y, "raters": {"A": y, "B": y}}) + "\n" for p, a, y in rows))
+    return path
+
+
+def test_raters_judge_looks_labels_up(tmp_path):
+    f = _labelled(tmp_path / "labels.jsonl", [(HARMFUL_PROMPT, HARMFUL_ANSWER, 1), (HARMFUL_PROMPT, REFUSAL, 0)])
+    judge = make_judge("raters", str(f))
+    # the same answer with surrounding whitespace is the same answer; order follows the call
+    assert judge.probs([HARMFUL_PROMPT] * 3, [REFUSAL, HARMFUL_ANSWER + "\n", HARMFUL_ANSWER]) == [0.0, 1.0, 1.0]
+    desc = judge.describe()
+    assert desc["name"] == "raters" and desc["labelled"] == 2 and desc["threshold"] == 0.5
+    before = judge.version
+    _labelled(f, [(HARMFUL_PROMPT, HARMFUL_ANSWER, 0), (HARMFUL_PROMPT, REFUSAL, 0)])
+    assert make_judge("raters", str(f)).version != before, "other labels, another version"
+    assert load_config("tiny", ["eval.judge=raters", f"eval.judge_path={f}"]).eval.judge == "raters"
+
+
+def test_raters_judge_never_guesses(tmp_path):
+    f = _labelled(tmp_path / "labels.jsonl", [(HARMFUL_PROMPT, REFUSAL, 0)])
+    with pytest.raises(JudgeError, match="2 of 3 answers have no label"):
+        make_judge("raters", str(f)).probs([HARMFUL_PROMPT] * 3, [REFUSAL, "other", ""])
+    with pytest.raises(JudgeError, match="set eval.judge_path"):
+        make_judge("raters")
+    with pytest.raises(JudgeError, match="no labelled file"):
+        make_judge("raters", str(tmp_path / "missing.jsonl"))
+    _labelled(f, [(HARMFUL_PROMPT, REFUSAL, 0), (HARMFUL_PROMPT, REFUSAL, 1)])
+    with pytest.raises(JudgeError, match=r"labels.jsonl:3: .* two different labels"):
+        make_judge("raters", str(f))
+    f.write_text(json.dumps({"prompt": HARMFUL_PROMPT, "answer": REFUSAL, "label": "no"}) + "\n")
+    with pytest.raises(JudgeError, match=r"labels.jsonl:1: each row needs"):
+        make_judge("raters", str(f))

@@ -200,6 +200,33 @@ def test_judge_generate_makes_a_blind_corpus_from_every_stage(tiny_cfg, tmp_path
     assert all(key[b["id"]]["answer"] == b["answer"] for b in blind)
 
 
+def test_judge_generate_takes_every_answer_of_the_chosen_evaluations(tmp_path):
+    # two attacked evaluations (seeds 0 and 1) and an aligned one: --where stage=attacked
+    # --where seed=1 --n 0 takes all three answers of seed 1's, and nothing else
+    (tmp_path / "stages" / "align-a").mkdir(parents=True)
+    (tmp_path / "stages" / "align-a" / "config.json").write_text(json.dumps({"align": {"defense": "sft"}}))
+    rows = [{"defense": "sft", "seed": 0, "stage": "aligned", "eval_dir": "stages/eval-al"}]
+    for seed in (0, 1):
+        (tmp_path / "stages" / f"attack-{seed}").mkdir()
+        (tmp_path / "stages" / f"attack-{seed}" / "config.json").write_text(
+            json.dumps({"upstream": "align-a", "attack": {"p": 0.2, "optim": {"lr": 5e-4}}}))
+        rows.append({"defense": "sft", "seed": seed, "p": 0.2, "stage": "attacked", "eval_dir": f"stages/eval-{seed}"})
+    for row, up in zip(rows, ("align-a", "attack-0", "attack-1")):
+        d = tmp_path / row["eval_dir"]
+        _eval_stage(tmp_path, d.name, [f"q{i}" for i in range(3)], [1, 0, 0], [f"{d.name} a{i}" for i in range(3)])
+        (d / "config.json").write_text(json.dumps({"upstream": up}))
+        (d / "DONE.json").write_text("{}")
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "judge_generate.py"), "--run", str(tmp_path),
+                          "--evals", "--n", "0", "--where", "stage=attacked", "--where", "seed=1",
+                          "--out", str(tmp_path / "s1.jsonl")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = [json.loads(x) for x in (tmp_path / "s1.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in got] == ["eval-1 a0", "eval-1 a1", "eval-1 a2"]
+    assert {r["kind"] for r in got} == {"sft+attack(p=0.2,lr=0.0005)"} and {r["eval"] for r in got} == {"eval-1"}
+
+
 def test_the_report_compares_defences_even_at_a_single_setting(tmp_path):
     from booster.report import paired_sections
 

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Rebuild a run directory's tables (Markdown, CSV) and plots (PNG).")
     rep.add_argument("run_dir", help="a run directory written by booster run / sweep")
     rep.add_argument("--judge", help="score every saved answer again with this judge first (classifier, refusal, "
-                     "beaver_dam); answers are not regenerated")
-    rep.add_argument("--judge-path", help="the judge's weights (eval.judge_path)")
+                     "beaver_dam, raters); answers are not regenerated")
+    rep.add_argument("--judge-path", help="the judge's weights (eval.judge_path); for raters, the labelled file")
     exp = sub.add_parser("export", help="Write a trained stage as a merged Hugging Face model directory.",
                          description="Write a finished align-* or attack-* stage as one merged Hugging Face model "
                                      "directory (safetensors, tokenizer, chat template, a model card with the "

@@ -223,10 +223,10 @@ class EvalConfig:
     judge: str = "classifier"
     """Harmfulness judge: classifier (judge v2, the offline MiniLM harm classifier, built on first
     use; docs/judge.md), classifier_v1 (the first one), refusal (phrase matcher), beaver_dam (the
-    paper's 7B judge, GPU)."""
+    paper's 7B judge, GPU), raters (two blind raters' settled labels from a labelled file)."""
     judge_path: str | None = None
     """Judge weights: a built classifier directory (`booster judge train --out DIR`), or for
-    beaver_dam a local copy or hub id. Unset: the judge's default."""
+    beaver_dam a local copy or hub id, or for raters the labelled file. Unset: the judge's default."""
     prompts: str | None = None
     """Your own harmful prompts: a .txt file (one per line) or .jsonl (a 'prompt' field, optionally
     a 'source'); the harmful score is also reported per source. Trained stages are reused: only

@@ -21,6 +21,7 @@ JUDGES: dict[str, Any] = {
     "classifier": "booster.evaluate.classifier:ClassifierJudge",
     "classifier_v1": "booster.evaluate.classifier:ClassifierV1Judge",
     "beaver_dam": "booster.evaluate.beaver_dam:BeaverDamJudge",
+    "raters": "booster.evaluate.raters:RatersJudge",
 }
 """Judge name -> 'module:Class', imported on use (the classifier and beaver_dam pull in torch),
 or a Judge class itself (a judge registered at run time)."""
