@@ -41,6 +41,7 @@ from booster.compare import collect, paired_table
 from booster.data.base import DataError
 from booster.evaluate.judges import JudgeError, make_judge
 from booster.evaluate.stage import judged
+from booster.io import rewrite_jsonl
 from booster.results import read_rows
 
 
@@ -53,8 +54,17 @@ def rejudged(run_dirs: list[Path], spec: str, work: Path) -> list[Path]:
     for i, run_dir in enumerate(run_dirs):
         copy = work / f"{i}-{run_dir.name}"
         shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.safetensors", "checkpoint*"))
+        kept, left = [], []
         for row in read_rows(copy):
-            judged(judge, copy / row["eval_dir"])
+            try:
+                judged(judge, copy / row["eval_dir"])
+                kept.append(row)
+            except JudgeError as e:  # e.g. raters who labelled only the attacked models' answers
+                left.append(f"{row['eval_dir']} ({e})")
+        if left:  # never compared under another judge's verdicts: those rows leave the copy
+            print(f"{run_dir}: {len(left)} evaluations not judged by {name}, left out: {'; '.join(left[:2])}"
+                  + (" ..." if len(left) > 2 else ""))
+            rewrite_jsonl(copy / "results.jsonl", kept)
         copies.append(copy)
     return copies
 

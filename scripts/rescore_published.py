@@ -19,22 +19,31 @@ from pathlib import Path
 
 import torch
 
-from booster.evaluate.judges import make_judge
+from booster.evaluate.judges import JudgeError, make_judge
 from booster.evaluate.stage import judged
 from booster.results import read_rows
+
+
+def score(judge, eval_dir: Path) -> float | None:
+    """The evaluation's harmful score under ``judge``; None (printed —) where the judge cannot
+    score it, e.g. raters who labelled only some evaluations."""
+    try:
+        return judged(judge, eval_dir)["harmful_score"]
+    except JudgeError:
+        return None
 
 
 def rescore(run_dir: Path, judges: list, work: Path) -> str:
     copy = work / run_dir.name
     shutil.copytree(run_dir, copy)
     rows = read_rows(copy)
-    scores = {j.name: [judged(j, copy / r["eval_dir"])["harmful_score"] for r in rows] for j in judges}
+    scores = {j.name: [score(j, copy / r["eval_dir"]) for r in rows] for j in judges}
     head = "| defence | stage | p | seed | " + " | ".join(f"HS {j.name} ({j.version})" for j in judges) + " |"
     lines = [f"### {run_dir}", "", head, "|---" * (4 + len(judges)) + "|"]
     for i, r in enumerate(rows):
         p = "" if r.get("p") is None else f"{r['p']:g}"
         lines.append(f"| {r['defense']} | {r['stage']} | {p} | {r.get('seed', 0)} | "
-                     + " | ".join(f"{scores[j.name][i]:.0f}" for j in judges) + " |")
+                     + " | ".join("—" if scores[j.name][i] is None else f"{scores[j.name][i]:.0f}" for j in judges) + " |")
     return "\n".join(lines) + "\n"
 
 

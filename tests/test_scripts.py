@@ -126,6 +126,21 @@ def test_paired_hs_judges_again_on_a_copy(tmp_path):
     assert [c.strip() for c in saved_row.strip("|").split("|")][2:6] == [f"{100 / 6:.0f}", "50", "0", "2"]
     assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before, "the run directory is untouched"
 
+    # raters who labelled the attacked answers but not the aligned ones: the aligned rows are
+    # left out (said so), never compared under the saved judge's verdicts
+    rows.append({"defense": "sft", "seed": 0, "stage": "aligned",
+                 "eval_dir": _eval_stage(tmp_path, "eval-al", prompts, [0] * 6, ["unlabelled"] * 6)})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"prompt": p, "answer": a, "label": int(a == comply)}) + "\n"
+                              for p in prompts for a in (comply, refuse)))
+    out = _paired(tmp_path, "--judge", f"raters={labels}")
+    assert out.returncode == 0, out.stderr
+    assert "1 evaluations not judged by raters, left out: stages/eval-al" in out.stdout
+    assert not any(line.startswith("| aligned") for line in out.stdout.splitlines())
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| p=0.2"))
+    assert [c.strip() for c in row.strip("|").split("|")][2:6] == [f"{100 * 2 / 6:.0f}", f"{100 * 4 / 6:.0f}", "0", "2"]
+
 
 def test_paired_hs_refuses_evaluations_of_different_prompts(tmp_path):
     rows = [{"defense": d, "seed": 0, "p": 0.2, "stage": "attacked",
