@@ -22,7 +22,10 @@ def test_a_published_run_rescores_without_the_run(tiny_cfg, tmp_path, capsys):
     pipe = Pipeline(tiny_cfg("run.estimate=false", "grid={}", "align.defense=sft"))
     rows = pipe.run()
     out = tmp_path / "published"
+    (pipe.root / "results.md").write_text("a stale table\n")  # a sweep still running keeps its last report
     assert main(["publish", str(pipe.root), str(out)]) == 0
+    table = (out / "results.md").read_text()
+    assert "stale" not in table and all(f"{r['harmful_score']:.1f}" in table for r in rows), "tables from the rows"
     assert not list(out.rglob("*.safetensors")) and not list(out.rglob("checkpoint"))
     index = (out / "ANSWERS.md").read_text()
     assert all(f"`{row['eval_dir']}/generations.jsonl.gz`" in index for row in rows)

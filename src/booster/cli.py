@@ -174,8 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "publish":
             from booster.publish import publish
+            from booster.report import report_run_dir
 
-            print(f"published to {publish(Path(args.run_dir), Path(args.out))}")
+            out = publish(Path(args.run_dir), Path(args.out))
+            # the copy's tables and plots are rebuilt from its own rows: a run directory's
+            # results.md can lag its results.jsonl (a sweep still running, or stopped)
+            report_run_dir(out)
+            print(f"published to {out}")
             return 0
         if args.command == "config":
             from booster.config import to_yaml
