@@ -101,6 +101,27 @@ def test_corpus_and_validation_files_are_two_rater_and_disjoint(data_dir):
     assert {r["kind"] for r in corpus} >= {"unaligned", "sft", "booster", "vaccine"}
 
 
+SUPPLEMENTS = {  # two-rater label files judge v2 never trained on: (file, answers AdvBench prompts)
+    "smollm2_demo_seeds_labels.jsonl": True, "smollm2_paper_regime_labels.jsonl": True,
+    "smollm2_corpus_repnoise_labels.jsonl": False, "smollm2_valid_repnoise_labels.jsonl": True,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SUPPLEMENTS))
+def test_later_label_files_are_two_rater_and_on_their_side(name, data_dir):
+    from booster.data.base import normalise
+
+    rows = judge_data.read_label_file(judge_data._packaged(name))
+    advbench = judge_data.advbench_prompts(data_dir)
+    assert rows and all((normalise(r["prompt"]) in advbench) == SUPPLEMENTS[name] for r in rows)
+    for r in rows:
+        raters = r["raters"]
+        assert {"A", "B"} <= set(raters)
+        assert r["label"] == (raters["A"] if raters["A"] == raters["B"] else raters["C"])
+    keys = [(r["prompt"].strip(), r["answer"].strip()) for r in rows]
+    assert len(set(keys)) == len(keys), "one reading per answer"
+
+
 def test_more_labels_are_opt_in(data_dir):
     base = judge_data.assemble(data_dir)
     more = judge_data.assemble(data_dir, more_labels=True)
