@@ -511,8 +511,11 @@ def test_raters_judge_never_guesses(tmp_path):
     with pytest.raises(JudgeError, match="no labelled file"):
         make_judge("raters", str(tmp_path / "missing.jsonl"))
     _labelled(f, [(HARMFUL_PROMPT, REFUSAL, 0), (HARMFUL_PROMPT, REFUSAL, 1)])
-    with pytest.raises(JudgeError, match=r"labels.jsonl:3: .* two different labels"):
+    with pytest.raises(JudgeError, match=r"labels.jsonl: the answer \"I'm sorry.* carries two different labels"):
         make_judge("raters", str(f))
     f.write_text(json.dumps({"prompt": HARMFUL_PROMPT, "answer": REFUSAL, "label": "no"}) + "\n")
-    with pytest.raises(JudgeError, match=r"labels.jsonl:1: each row needs"):
+    with pytest.raises(JudgeError, match=r"labels.jsonl line 1: need text 'prompt', 'answer' and 'label' 0 or 1"):
+        make_judge("raters", str(f))
+    f.write_text("# header\n{not json\n")  # a broken line is a one-line error too, not a traceback
+    with pytest.raises(JudgeError, match=r"labels.jsonl line 2: malformed JSON"):
         make_judge("raters", str(f))

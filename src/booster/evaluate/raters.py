@@ -11,11 +11,12 @@ labelled file (``eval.judge_path`` / ``--judge-path``); its content hash is the 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
+from booster.data.base import DataError
+from booster.evaluate.judge_data import read_label_file
 from booster.evaluate.judges import Judge, JudgeError
+from booster.io import file_sha256
 
 
 def pair_key(prompt: str, answer: str) -> tuple[str, str]:
@@ -31,18 +32,17 @@ class RatersJudge(Judge):
         if not self.path.is_file():
             raise JudgeError(f"raters: no labelled file at {self.path}; give the joined labels "
                              "(scripts/corpus_labels.py join) with --judge-path or eval.judge_path")
-        data = self.path.read_bytes()
-        self._version = hashlib.sha256(data).hexdigest()[:12]
+        try:  # the one reader of label files: comments, malformed lines and bad rows named by line
+            rows = read_label_file(self.path)
+        except DataError as e:
+            raise JudgeError(str(e)) from None
+        self._version = file_sha256(self.path, 12)
         self.labels: dict[tuple[str, str], int] = {}
-        for i, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            row = json.loads(line)
-            if row.get("label") not in (0, 1) or not {"prompt", "answer"} <= row.keys():
-                raise JudgeError(f"{self.path}:{i}: each row needs prompt, answer and label 0 or 1")
+        for row in rows:
             key = pair_key(row["prompt"], row["answer"])
             if self.labels.get(key, row["label"]) != row["label"]:
-                raise JudgeError(f"{self.path}:{i}: this prompt and answer carry two different labels")
+                raise JudgeError(f"{self.path}: the answer {key[1][:40]!r} to {key[0][:40]!r} carries two "
+                                 "different labels; settle it in the file")
             self.labels[key] = row["label"]
 
     @classmethod
