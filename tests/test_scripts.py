@@ -332,3 +332,59 @@ def test_judge_choose_compares_on_rows_every_build_held_out(tmp_path):
         (tmp_path / name).mkdir()
         write_split(tmp_path / name / "split.jsonl", [], test)
     assert common_heldout([tmp_path / "one", tmp_path / "two"]) == [b]
+
+
+def _run_dir(root: Path, defense: str, p: float, score: float, lr: float = 2e-4) -> Path:
+    import yaml
+
+    (root / "stages").mkdir(parents=True)
+    cfg = {"attack": {"optim": {"lr": lr}}, "run": {"out_dir": str(root)},
+           "grid": {"align.defense": [defense], "attack.p": [p]}}
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    shared = {"defense": "none", "stage": "unaligned", "harmful_score": 24.0, "eval_dir": "stages/eval-base"}
+    mine = {"defense": defense, "stage": "attacked", "p": p, "harmful_score": score, "eval_dir": f"stages/eval-{defense}{p}"}
+    (root / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (shared, mine)))
+    point = {"align.defense": defense, "attack.p": p}
+    (root / "chains.jsonl").write_text(json.dumps({"point": point, "attacked": mine["eval_dir"]}) + "\n")
+    for name in ("eval-base", f"eval-{defense}{p}", f"align-{defense}"):
+        (root / "stages" / name).mkdir()
+        (root / "stages" / name / "metrics.json").write_text("{}")
+    (root / "stages" / f"align-{defense}" / "trainable.safetensors").write_bytes(b"weights")
+    return root
+
+
+def _merge(*args: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "merge_runs.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
+def test_merge_runs_makes_one_run_of_side_by_side_sweeps(tmp_path):
+    import yaml
+
+    a = _run_dir(tmp_path / "sft", "sft", 0.1, 15.0)
+    b = _run_dir(tmp_path / "booster", "booster", 0.2, 9.0)
+    out = tmp_path / "merged"
+    done = _merge(out, a, b)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["eval_dir"] for r in rows) == ["stages/eval-base", "stages/eval-booster0.2", "stages/eval-sft0.1"]
+    assert len((out / "chains.jsonl").read_text().splitlines()) == 2
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["grid"] == {"align.defense": ["sft", "booster"], "attack.p": [0.1, 0.2]}
+    assert cfg["run"]["out_dir"] == str(out)
+    assert (out / "stages" / "align-booster" / "metrics.json").is_file()
+    assert not (out / "stages" / "align-booster" / "trainable.safetensors").exists()
+    assert (a / "results.jsonl").read_text().count("\n") == 2  # the inputs are left as they were
+
+
+def test_merge_runs_refuses_other_configs_and_conflicting_scores(tmp_path):
+    a = _run_dir(tmp_path / "sft", "sft", 0.1, 15.0)
+    other = _run_dir(tmp_path / "lr", "booster", 0.1, 9.0, lr=1e-4)
+    done = _merge(tmp_path / "m1", a, other)
+    assert done.returncode != 0 and "config differs" in done.stderr and "attack.optim.lr" in done.stderr
+    rescored = _run_dir(tmp_path / "sft2", "sft", 0.1, 11.0)  # the same evaluation, another score
+    done = _merge(tmp_path / "m2", a, rescored)
+    assert done.returncode != 0 and "rescore both with one judge" in done.stderr
+    done = _merge(a, rescored)  # an existing directory is never written into
+    assert done.returncode != 0 and "not empty" in done.stderr

@@ -1,0 +1,105 @@
+"""Merge run directories of one config into one, as if a single sweep had run their grids.
+
+    python scripts/merge_runs.py OUT runs/pr-sft runs/pr-b-p0.1 runs/pr-b-p0.2
+    booster publish OUT docs/results/NAME     # tables, paired comparison and plots over all of them
+
+Side-by-side chains on a small machine run as separate sweeps, each in its own out_dir (two
+sweeps must not share one: each rewrites results.jsonl). This puts their stages (hard links,
+no copy; weights and checkpoints left out), result rows and chains in OUT and writes a config
+whose grid is the union of theirs, so `booster report` and `booster publish` see one run.
+The configs must agree outside grid and run (else the merged directory would describe runs it
+does not hold): the first key that differs is a one-line error. A stage in several inputs is
+taken once; two inputs giving one evaluation different scores is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from booster.io import read_jsonl, rewrite_jsonl
+
+SKIP = shutil.ignore_patterns("*.safetensors", "checkpoint*", "merged_model")
+
+
+def _differing_key(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            found = _differing_key(a.get(k), b.get(k), f"{prefix}{k}.")
+            if found:
+                return found
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+def merged_config(configs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    first = configs[0]
+    for cfg, name in zip(configs[1:], names[1:]):
+        rest = {k: v for k, v in cfg.items() if k not in ("grid", "run")}
+        key = _differing_key({k: v for k, v in first.items() if k not in ("grid", "run")}, rest)
+        if key:
+            raise SystemExit(f"{name}: config differs from {names[0]} at {key}; merge only runs of one config")
+    grid: dict[str, list] = {}
+    for cfg in configs:
+        for key, values in (cfg.get("grid") or {}).items():
+            grid.setdefault(key, [])
+            grid[key] += [v for v in values if v not in grid[key]]
+    return {**first, "grid": grid}
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Stage files as hard links where the file system allows, copies where it does not."""
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+    shutil.copytree(src, dst, ignore=SKIP, copy_function=link)
+
+
+def merge(out: Path, runs: list[Path]) -> dict[str, int]:
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} exists and is not empty; name a new directory")
+    for run in runs:
+        if not (run / "results.jsonl").is_file() or not (run / "config.yaml").is_file():
+            raise SystemExit(f"{run} has no results.jsonl or config.yaml: not a finished run directory")
+    configs = [yaml.safe_load((r / "config.yaml").read_text()) for r in runs]
+    config = merged_config(configs, [str(r) for r in runs])
+    rows: dict[str, dict] = {}
+    chains: dict[str, dict] = {}
+    for run in runs:
+        for row in read_jsonl(run / "results.jsonl"):
+            seen = rows.get(row["eval_dir"])
+            if seen is not None and seen.get("harmful_score") != row.get("harmful_score"):
+                raise SystemExit(f"{row['eval_dir']}: scored {seen.get('harmful_score')} in one run and "
+                                 f"{row.get('harmful_score')} in {run}; rescore both with one judge first")
+            rows.setdefault(row["eval_dir"], row)
+        for chain in read_jsonl(run / "chains.jsonl") if (run / "chains.jsonl").is_file() else []:
+            chains.setdefault(repr(sorted(chain["point"].items())), chain)
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        for stage in sorted((run / "stages").iterdir()):
+            if not (out / "stages" / stage.name).exists():
+                link_tree(stage, out / "stages" / stage.name)
+    config.setdefault("run", {})["out_dir"] = str(out)
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    rewrite_jsonl(out / "results.jsonl", list(rows.values()))
+    rewrite_jsonl(out / "chains.jsonl", list(chains.values()))
+    return {"rows": len(rows), "chains": len(chains), "stages": len(list((out / "stages").iterdir()))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="the merged run directory to write (new)")
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories of one config")
+    args = ap.parse_args()
+    print(merge(args.out, args.runs))
+
+
+if __name__ == "__main__":
+    main()
