@@ -22,26 +22,19 @@ from typing import Any
 
 import yaml
 
+from booster.config import flatten
 from booster.io import read_jsonl, rewrite_jsonl
 
 SKIP = shutil.ignore_patterns("*.safetensors", "checkpoint*", "merged_model")
 
 
-def _differing_key(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            found = _differing_key(a.get(k), b.get(k), f"{prefix}{k}.")
-            if found:
-                return found
-        return None
-    return None if a == b else prefix.rstrip(".")
-
-
 def merged_config(configs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     first = configs[0]
+    def settings(cfg: dict[str, Any]) -> dict[str, Any]:
+        return flatten({k: v for k, v in cfg.items() if k not in ("grid", "run")})
     for cfg, name in zip(configs[1:], names[1:]):
-        rest = {k: v for k, v in cfg.items() if k not in ("grid", "run")}
-        key = _differing_key({k: v for k, v in first.items() if k not in ("grid", "run")}, rest)
+        a, b = settings(first), settings(cfg)
+        key = next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), None)
         if key:
             raise SystemExit(f"{name}: config differs from {names[0]} at {key}; merge only runs of one config")
     grid: dict[str, list] = {}
