@@ -76,8 +76,8 @@ def test_auto_stages_are_the_stages_of_the_dtype_they_resolve_to(hardware, data_
     assert key("align.defense=sft")[0] == key("align.defense=sft", "model.dtype=bfloat16")[0] == "align-8ee8a035da"
     hardware("avx2")
     with caplog.at_level(logging.INFO, logger="booster"):
-        k, pipe = key("align.defense=booster")
-    assert k == key("align.defense=booster", "model.dtype=float32")[0] == "align-633c0f667f"
+        k, pipe = key("align.defense=booster", "align.booster.every=1")
+    assert k == key("align.defense=booster", "align.booster.every=1", "model.dtype=float32")[0] == "align-633c0f667f"
     assert "model.dtype=auto -> float32: CPU without native bfloat16 (PyTorch capability AVX2" in caplog.text
     assert pipe.dtypes["float32"].requested == "auto"
     caplog.clear()
@@ -136,3 +136,40 @@ def test_a_run_logs_its_estimate_before_the_first_stage(tiny_cfg, caplog):
     with caplog.at_level(logging.INFO, logger="booster"):
         Pipeline(cfg).run()  # all done: nothing to estimate, nothing timed
     assert not any(r.message.startswith("estimate") for r in caplog.records)
+
+
+@pytest.mark.parametrize("kind, dtype, batch", [("avx2", "auto", 100), ("native", "auto", 16), ("native", "float32", 100),
+                                               ("gpu", "float32", 16), ("gpu", "auto", 16)])
+def test_an_unset_eval_batch_follows_the_resolved_dtype(hardware, data_dir, tmp_path, caplog, kind, dtype, batch):
+    # float32 on a CPU generates 100 answers at once (the same answers, ~1.8x faster); bfloat16
+    # and GPUs keep 16. The resolved number decides the stage: a bf16 run's evaluations keep the
+    # names their cached stages have under an explicit 16.
+    from booster.config import load_config
+    from booster.stages import eval_payload
+
+    hardware(kind)
+    cfg = load_config("demo", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}", f"model.dtype={dtype}"])
+    assert cfg.eval.batch_size is None
+    with caplog.at_level(logging.INFO, logger="booster"):
+        point = Pipeline(cfg).resolve_dtypes([cfg])[0]
+    assert point.eval.batch_size == batch and f"eval.batch_size unset -> {batch}" in caplog.text
+    explicit = load_config("demo", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}",
+                                    f"model.dtype={point.model.dtype}", f"eval.batch_size={batch}"])
+    assert eval_payload(point, "x") == eval_payload(explicit, "x")
+    set_cfg = load_config("demo", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}", "eval.batch_size=7"])
+    assert Pipeline(set_cfg).resolve_dtypes([set_cfg])[0].eval.batch_size == 7
+
+
+
+def test_the_estimate_prices_amortised_booster_by_its_mean_passes(data_dir, tmp_path):
+    # three passes at each refresh, one in between: (k + 2) / k per step
+    from booster.config import load_config
+    from booster.defenses import DEFENSES
+
+    def passes(*overrides):
+        cfg = load_config("demo", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}", *overrides])
+        return DEFENSES[cfg.align.defense].mean_passes(cfg.align)
+
+    assert passes("align.defense=booster", "align.booster.every=1") == 3.0
+    assert passes("align.defense=booster") == 1.25  # the demo's every=8
+    assert passes("align.defense=sft") == 1.0

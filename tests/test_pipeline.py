@@ -426,25 +426,32 @@ def test_stage_hashes_stay_put_and_only_warmed_up_constant_stages_move(data_dir,
 
     # float32: the demo's first protocol, which the exp-* configs share; bfloat16: the demo where
     # the CPU has it (model.dtype=auto resolves to one of the two: tests/test_dtype_estimate.py)
+    # exact Booster (every=1): the demo's Booster until it became amortised (every=8)
     assert key("align.defense=sft", "model.dtype=float32") == "align-147eb907f2"
-    assert key("align.defense=booster", "model.dtype=float32") == "align-633c0f667f"
+    assert key("align.defense=booster", "align.booster.every=1", "model.dtype=float32") == "align-633c0f667f"
     assert key("align.defense=sft", "model.dtype=bfloat16") == "align-8ee8a035da"
-    assert key("align.defense=booster", "model.dtype=bfloat16") == "align-80beed07fb"
+    assert key("align.defense=booster", "align.booster.every=1", "model.dtype=bfloat16") == "align-80beed07fb"
+    # the demo's amortised Booster in float32 is exp-amortised's k=8 alignment (docs/results.md 6)
+    amortised = load_config("exp-amortised", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}",
+                                              "align.booster.every=8"])
+    assert key("align.defense=booster", "model.dtype=float32") == stage_key("align", align_payload(amortised))
     # the attack and evaluation built on them, and the base model (values from before the
     # stage rules left pipeline.py): an attack at p=0 names no mix, a warmed-up one moves
     from booster.models import ModelRecipe
     from booster.stages import StageResult, attack_payload, base_key, eval_payload, stage_key, warmup_fixed
 
     def chain(*overrides):
-        cfg = load_config("demo", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}", *overrides])
+        # eval.batch_size=16: what an unset one becomes in bfloat16 (in float32 on a CPU, 100)
+        cfg = load_config("demo", [f"run.out_dir={tmp_path}", f"data.dir={data_dir}", "grid={}",
+                                   "eval.batch_size=16", *overrides])
         attacked = stage_key("attack", attack_payload(cfg, StageResult(key(*overrides), ModelRecipe())))
         return base_key(cfg), attacked, stage_key("eval", eval_payload(cfg, attacked))
 
-    assert chain("align.defense=booster", "model.dtype=float32", "attack.p=0.1") == (
+    assert chain("align.defense=booster", "align.booster.every=1", "model.dtype=float32", "attack.p=0.1") == (
         "base-8d06fbc7b4", "attack-0253e90d43", "eval-b4b048c9fd")
     assert chain("align.defense=sft", "model.dtype=bfloat16", "attack.p=0.0", "attack.mix=gsm8k") == (
         "base-e6a429756a", "attack-f78785b7ca", "eval-7ffa5a3610")
-    assert chain("align.defense=booster", "attack.defense=lisa", "attack.optim.warmup_steps=3",
+    assert chain("align.defense=booster", "align.booster.every=1", "attack.defense=lisa", "attack.optim.warmup_steps=3",
                  "model.dtype=float32")[1:] == ("attack-bc7113f78d", "eval-cf4c51fcb1")
 
     assert warmup_fixed({"attack": {"optim": {"warmup_steps": 5}}}) and not warmup_fixed(

@@ -216,7 +216,9 @@ class EvalConfig:
     """Answer length for harmful prompts (paper: 512; judged on what is generated)."""
     task_max_new_tokens: int | None = None
     """Answer length for task items. Unset: the task's own (SST-2 8, GSM8K 256, ...)."""
-    batch_size: int = 16
+    batch_size: int | None = None
+    """Prompts generated together. Unset: 100 for a float32 model on a CPU, 16 otherwise
+    (``booster.evaluate.generate.eval_batch_size``; the resolved number decides the stage)."""
     engine: str = "hf"
     """Generation engine: 'hf' (transformers, batched, KV cache; CPU or GPU) or 'vllm' (GPU only,
     optional package; the model is merged into one directory first)."""
@@ -241,7 +243,7 @@ class EvalConfig:
         _check(self.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _check(self.task_max_new_tokens is None or self.task_max_new_tokens >= 1,
                f"eval.task_max_new_tokens must be >= 1, got {self.task_max_new_tokens}")
-        _check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.batch_size is None or self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
         _one_of(self.judge, tuple(JUDGES), "eval.judge")
         _one_of(self.engine, ("hf", "vllm"), "eval.engine")
         _one_of(self.prompts_mode, ("replace", "add"), "eval.prompts_mode")

@@ -60,7 +60,7 @@ def mean_padded_length(batch_lengths: Callable[[int], int], n: int = 32) -> floa
     return statistics.mean(batch_lengths(i) for i in range(n))
 
 
-def training_work(label: str, steps: int, passes: int, batch_size: int, grad_accum: int, length: float,
+def training_work(label: str, steps: int, passes: float, batch_size: int, grad_accum: int, length: float,
                   probes: int, probe_tokens: int) -> StageWork:
     """``probes`` probe runs, each a forward pass over ``probe_tokens`` tokens."""
     return StageWork(label, train_tokens=steps * passes * batch_size * grad_accum * length,
@@ -205,7 +205,7 @@ def stage_work(kind: str, cfg: Any, data: RunData) -> StageWork:
     sources = {"main": main, "align": safety.align, "harmful": safety.harmful}
     lengths = [length(sources[s], optim.batch_size, s) for s in defense.streams if s in sources]
     steps = total_steps(optim, len(main))
-    return training_work(kind, steps, defense.passes, optim.batch_size, optim.grad_accum,
+    return training_work(kind, steps, defense.mean_passes(stage_cfg), optim.batch_size, optim.grad_accum,
                          sum(lengths) / len(lengths), probe_count(steps, every), probe_tokens)
 
 

@@ -34,12 +34,14 @@ from booster.data.base import resolve_data_dir
 from booster.defenses import make_defense
 from booster.distributed import gathered_state, make_accelerator
 from booster.estimate import RunTimer, StageWork, estimate_run, stage_work
+from booster.evaluate.generate import eval_batch_size
 from booster.evaluate.judges import Judge, judge_class, make_judge
 from booster.evaluate.probe import loss_probe
 from booster.evaluate.stage import empty_rate, judged, score_by_source, write_answers
 from booster.io import (atomic_dir, atomic_write_json, atomic_write_text, environment_info, read_jsonl, rewrite_jsonl,
                         write_csv)
-from booster.models import DtypeChoice, ModelRecipe, build_model, resolve_dtype, resolve_dtypes, save_trained
+from booster.models import (DtypeChoice, ModelRecipe, build_model, default_device_type, resolve_dtype, resolve_dtypes,
+                            save_trained)
 from booster.plots import plot_alignment_curves, plot_attack_curves, write_stage_logs
 from booster.preflight import check_launch, preflight
 from booster.report import write_report
@@ -75,6 +77,8 @@ class Pipeline:
         """The run's time estimate, per stage still to run (``estimate``)."""
         self.dtypes: dict[str, DtypeChoice] = {}
         """model.dtype as each grid point resolved it (by the resolved name), for meta.json."""
+        self.eval_batches: set[int] = set()
+        """The eval.batch_size values an unset one became (each logged once)."""
 
     # ---------------------------------------------------------------- shared resources
     @cached_property
@@ -123,8 +127,18 @@ class Pipeline:
         return self.dtypes.get(cfg.model.dtype) or resolve_dtype(cfg.model.dtype)
 
     def resolve_dtypes(self, points: list[ExperimentConfig]) -> list[ExperimentConfig]:
-        """Each point with model.dtype resolved on this machine (``booster.models.resolve_dtypes``)."""
-        return resolve_dtypes(points, self.dtypes)
+        """Each point with model.dtype resolved on this machine (``booster.models.resolve_dtypes``),
+        then an unset eval.batch_size from it (``booster.evaluate.generate.eval_batch_size``)."""
+        points = resolve_dtypes(points, self.dtypes)
+        device_type = default_device_type()
+        for cfg in points:
+            if cfg.eval.batch_size is None:
+                cfg.eval.batch_size = eval_batch_size(cfg.model.dtype, device_type)
+                if cfg.eval.batch_size not in self.eval_batches:
+                    log.info("eval.batch_size unset -> %d (%s on %s)", cfg.eval.batch_size, cfg.model.dtype,
+                             device_type)
+                self.eval_batches.add(cfg.eval.batch_size)
+        return points
 
     @staticmethod
     def _done(d: Path) -> bool:

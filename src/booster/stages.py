@@ -100,7 +100,9 @@ def payloads(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
 
 def eval_section(cfg: ExperimentConfig) -> dict[str, Any]:
     """The evaluation settings that decide answers; a prompt file by its content, not its path."""
-    out = section(cfg.eval, drop=("judge", "judge_path"))
+    out = section(cfg.eval, drop=("judge", "judge_path", "batch_size"))
+    if cfg.eval.batch_size != 16:  # 16, the default before an unset batch followed the dtype, stays unhashed:
+        out["batch_size"] = cfg.eval.batch_size  # cached evaluations keep their names
     if cfg.eval.prompts:
         path = Path(cfg.eval.prompts)
         if not path.is_file():

@@ -128,6 +128,11 @@ class Defense(ABC):
     """Data streams needed per step: 'main' (the stage's own data: alignment pairs in
     alignment, the user's data in the attack), 'harmful' (harmful pairs), 'align'."""
 
+    @classmethod
+    def mean_passes(cls, stage_cfg: Any) -> float:
+        """Passes per step on average over a stage with these settings (the time estimate's unit)."""
+        return float(cls.passes)
+
     def __init__(self, stage_cfg: Any = None) -> None:
         self.stage_cfg = stage_cfg
 

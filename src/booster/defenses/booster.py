@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,6 +72,11 @@ class Booster(Defense):
     passes = 3
     config_sections = {"booster": BoosterConfig}
     streams = ("main", "harmful")
+
+    @classmethod
+    def mean_passes(cls, stage_cfg: Any) -> float:
+        k = getattr(stage_cfg.booster, "every", 1)
+        return (k + 2) / k  # three passes at each refresh, one in between
 
     def __init__(self, stage_cfg) -> None:
         super().__init__(stage_cfg)
