@@ -34,7 +34,7 @@ def score(judge, eval_dir: Path) -> float | None:
 
 
 def rescore(run_dir: Path, judges: list, work: Path) -> str:
-    copy = work / run_dir.name
+    copy = Path(tempfile.mkdtemp(dir=work)) / run_dir.name  # two directories may share a name (float32/)
     shutil.copytree(run_dir, copy)
     rows = read_rows(copy)
     scores = {j.name: [score(j, copy / r["eval_dir"]) for r in rows] for j in judges}

@@ -178,6 +178,25 @@ def test_stage_times_sums_each_kind_and_leaves_snapshots_out(tmp_path):
     assert "all stages: 13.5 min" in out and "eval-e" not in out
 
 
+def test_same_answers_pairs_evaluations_of_one_model_and_fails_on_a_changed_answer(tmp_path):
+    def run(root, answers_by_eval):
+        for name, (upstream, answers) in answers_by_eval.items():
+            _stage(root, name, {"upstream": upstream})
+            (root / "stages" / name / "generations.jsonl").write_text("".join(
+                json.dumps({"kind": "harmful", "prompt": f"p{i}", "answer": a}) + "\n" for i, a in enumerate(answers)))
+
+    run(tmp_path / "a", {"eval-1": ("align-x", ["no", "sure"]), "eval-2": ("attack-y", ["a", "b"])})
+    run(tmp_path / "b", {"eval-3": ("align-x", ["no", "sure"]), "eval-4": ("attack-y", ["a", "c"]),
+                         "eval-5": ("attack-z", ["q"])})
+    script = [sys.executable, str(ROOT / "scripts" / "same_answers.py")]
+    same = subprocess.run(script + [str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True)
+    assert "| align-x | eval-1 | eval-3 | 2 | 2 |" in same.stdout and "| attack-y | eval-2 | eval-4 | 2 | 1 |" in same.stdout
+    assert same.returncode == 1 and "attack-z" not in same.stdout  # one evaluation of it: nothing to pair
+    (tmp_path / "b" / "stages" / "eval-4" / "generations.jsonl").write_text(
+        "".join(json.dumps({"kind": "harmful", "prompt": f"p{i}", "answer": a}) + "\n" for i, a in enumerate("ab")))
+    assert subprocess.run(script + [str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True).returncode == 0
+
+
 def test_pool_runs_reads_old_rows_through_the_one_reader(tmp_path):
     # rows written before empty_rate existed get it from their saved answers (booster.results.read_rows),
     # as `booster report` gives it them; a p=0 row loses the attack.mix label it should never have had
