@@ -12,9 +12,9 @@ from booster.text import format_prompt, pad_batch
 
 FLOAT32_CPU_BATCH = 100
 """eval.batch_size for a float32 model on a CPU. There the batch shape leaves greedy answers as
-they are (100 of 100 the same at batches of 16, 32, 50 and 100, and the float32 demo's seven
-models at 16 and 100; docs/results.md 3b) and decoding 100 answers at once is ~1.8x faster on
-2 cores than in batches of 16. In bfloat16 it changes answers (50-59 of 100), so 16 stays."""
+they are (the float32 demo's seven models, 1,400 answers, identical at 16 and 100 by
+scripts/same_answers.py; docs/results.md 3b) and 100 harmful answers at once decode ~1.8x
+faster on 2 cores than batches of 16. In bfloat16 it changes answers (50-59 of 100), so 16 stays."""
 
 
 def eval_batch_size(dtype: str, device_type: str) -> int:
