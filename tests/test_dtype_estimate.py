@@ -160,7 +160,6 @@ def test_an_unset_eval_batch_follows_the_resolved_dtype(hardware, data_dir, tmp_
     assert Pipeline(set_cfg).resolve_dtypes([set_cfg])[0].eval.batch_size == 7
 
 
-
 def test_the_estimate_prices_amortised_booster_by_its_mean_passes(data_dir, tmp_path):
     # three passes at each refresh, one in between: (k + 2) / k per step
     from booster.config import load_config
