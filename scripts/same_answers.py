@@ -12,19 +12,20 @@ any pair differs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from booster.evaluate.stage import generations_path, read_generations
+from booster.io import read_json
+from booster.stages import is_done
 
 
 def evaluations(root: Path) -> dict[str, list[Path]]:
     """upstream stage name -> the finished evaluations of it with their answers."""
     out: dict[str, list[Path]] = {}
     for d in sorted((root / "stages").glob("eval-*")):
-        if (d / "DONE.json").is_file() and generations_path(d).is_file():
-            out.setdefault(json.loads((d / "config.json").read_text())["upstream"], []).append(d)
+        if is_done(d) and generations_path(d).is_file():
+            out.setdefault(read_json(d / "config.json")["upstream"], []).append(d)
     return out
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from booster.config import ExperimentConfig, to_dict
 from booster.defenses import DEFENSES
 from booster.data.base import DataError
+from booster.evaluate.generate import EVAL_BATCH
 from booster.io import file_sha256, stable_hash
 from booster.models import ModelRecipe
 
@@ -101,8 +102,8 @@ def payloads(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
 def eval_section(cfg: ExperimentConfig) -> dict[str, Any]:
     """The evaluation settings that decide answers; a prompt file by its content, not its path."""
     out = section(cfg.eval, drop=("judge", "judge_path", "batch_size"))
-    if cfg.eval.batch_size != 16:  # 16, the default before an unset batch followed the dtype, stays unhashed:
-        out["batch_size"] = cfg.eval.batch_size  # cached evaluations keep their names
+    if cfg.eval.batch_size != EVAL_BATCH:  # the old default stays unhashed: cached evaluations keep their names
+        out["batch_size"] = cfg.eval.batch_size
     if cfg.eval.prompts:
         path = Path(cfg.eval.prompts)
         if not path.is_file():

@@ -10,6 +10,10 @@ from tqdm.auto import tqdm
 from booster.text import format_prompt, pad_batch
 
 
+EVAL_BATCH = 16
+"""eval.batch_size where the batch shape can change answers (bfloat16, GPUs); also the default
+before an unset batch followed the dtype, so the stage hash leaves it out (``booster.stages``)."""
+
 FLOAT32_CPU_BATCH = 100
 """eval.batch_size for a float32 model on a CPU. There the batch shape leaves greedy answers as
 they are (the float32 demo's seven models, 1,400 answers, identical at 16 and 100 by
@@ -19,7 +23,7 @@ faster on 2 cores than batches of 16. In bfloat16 it changes answers (50-59 of 1
 
 def eval_batch_size(dtype: str, device_type: str) -> int:
     """What an unset ``eval.batch_size`` becomes for a model in resolved ``dtype`` on ``device_type``."""
-    return FLOAT32_CPU_BATCH if dtype == "float32" and device_type == "cpu" else 16
+    return FLOAT32_CPU_BATCH if dtype == "float32" and device_type == "cpu" else EVAL_BATCH
 
 
 def prompt_ids(tokenizer: Any, prompts: list[str], fmt: str) -> list[list[int]]:
