@@ -290,6 +290,6 @@ def estimate_run(todo: list[tuple[str, Path, Any]], data: RunData, accelerator: 
              "trained, %.0f ms per decoding step of %d answers)", len(todo), say(total), parts, time.time() - t0,
              1e3 * rates.train_token_s, 1e3 * rates.decode_step_s, todo[0][2].eval.batch_size)
     if judge_pending(todo[0][2]):
-        log.info("estimate: plus the judge's one-time build before the first evaluation (15-20 min on 2 CPU "
-                 "cores)")
+        log.info("estimate: plus the judge's one-time build before the first evaluation (13 min measured "
+                 "on 2 Zen 4 cores; docs/results/cpu-demo-amortised/times.md)")
     return timer
