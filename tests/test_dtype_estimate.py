@@ -13,6 +13,7 @@ from booster import models
 from booster.estimate import (Rates, RunTimer, StageWork, eval_work, padded_prompt_tokens, probe_count, say,
                               training_work)
 from booster.pipeline import Pipeline
+from booster.train import checkpoint_step
 from booster.stages import align_payload, stage_key
 
 
@@ -136,6 +137,33 @@ def test_a_run_logs_its_estimate_before_the_first_stage(tiny_cfg, caplog):
     with caplog.at_level(logging.INFO, logger="booster"):
         Pipeline(cfg).run()  # all done: nothing to estimate, nothing timed
     assert not any(r.message.startswith("estimate") for r in caplog.records)
+
+
+def test_a_resumed_stage_is_priced_by_the_steps_it_has_left(tiny_cfg, monkeypatch):
+    # A stage resumed at 800 of 1000 steps once logged the whole stage (45 min for 8) and then
+    # scaled every later training stage by 8/45 ("about 23 min left" with 1 h 30 min to go).
+    from booster import estimate
+    from booster.config import expand_grid
+
+    monkeypatch.setattr(estimate, "measure_run", lambda *a: Rates(1e-3, 2e-4, 0.5))  # the same rates twice
+    pipe = Pipeline(tiny_cfg("grid={}", "align.defense=sft"))
+    points = pipe.resolve_dtypes(expand_grid(pipe.cfg))
+    pipe.points = points
+    pipe.estimate(points)
+    whole = dict(pipe.timer.estimates)
+    align = next(k for k in whole if k.startswith("align"))
+    steps = pipe._stage_work("align", points[0]).steps
+    half = StageWork("x", 10.0, 4.0, steps=steps).after(steps // 2)
+    assert steps > 1 and half.steps == steps - steps // 2
+    assert half.train_tokens == pytest.approx(10.0 * half.steps / steps) and half.forward_tokens == pytest.approx(4.0 * half.steps / steps)
+    ckpt = pipe.root / "stages" / align / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": steps // 2}))
+    assert checkpoint_step(ckpt.parent) == steps // 2
+    pipe.estimate(points)
+    resumed = pipe.timer.estimates
+    assert resumed[align] == pytest.approx(whole[align] * (steps - steps // 2) / steps)
+    assert all(resumed[k] == whole[k] for k in whole if k != align)
 
 
 @pytest.mark.parametrize("kind, dtype, batch", [("avx2", "auto", 100), ("native", "auto", 16), ("native", "float32", 100),

@@ -25,7 +25,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -49,10 +49,21 @@ class StageWork:
     train_tokens: float = 0.0
     forward_tokens: float = 0.0
     decode_steps: float = 0.0
+    steps: int = 0
 
     def seconds(self, rates: Rates) -> float:
         return (self.train_tokens * rates.train_token_s + self.forward_tokens * rates.forward_token_s
                 + self.decode_steps * rates.decode_step_s)
+
+    def after(self, step: int) -> StageWork:
+        """The work left when training resumes from a checkpoint at ``step`` (a resumed stage
+        priced whole would also throw off ``RunTimer``'s correction of every later stage)."""
+        if not self.steps or step <= 0:
+            return self
+        left = max(self.steps - step, 0)
+        share = left / self.steps
+        return replace(self, train_tokens=self.train_tokens * share, forward_tokens=self.forward_tokens * share,
+                       steps=left)
 
 
 def mean_padded_length(batch_lengths: Callable[[int], int], n: int = 32) -> float:
@@ -64,7 +75,7 @@ def training_work(label: str, steps: int, passes: float, batch_size: int, grad_a
                   probes: int, probe_tokens: int) -> StageWork:
     """``probes`` probe runs, each a forward pass over ``probe_tokens`` tokens."""
     return StageWork(label, train_tokens=steps * passes * batch_size * grad_accum * length,
-                     forward_tokens=probes * probe_tokens)
+                     forward_tokens=probes * probe_tokens, steps=steps)
 
 
 def probe_count(steps: int, every: int) -> int:
@@ -278,9 +289,11 @@ def estimate_run(todo: list[tuple[str, Path, Any]], data: RunData, accelerator: 
     if accelerator.num_processes > 1 or any(c.eval.engine == "vllm" for _, _, c in todo):
         log.info("estimate: skipped (several processes or vLLM; it times a single process)")
         return None
+    from booster.train import checkpoint_step
+
     t0 = time.time()
     rates = measure_run(todo[0][2], data, accelerator.device, root)
-    timer = RunTimer({d.name: work(kind, cfg).seconds(rates) for kind, d, cfg in todo})
+    timer = RunTimer({d.name: work(kind, cfg).after(checkpoint_step(d)).seconds(rates) for kind, d, cfg in todo})
     total = timer.left()
     by_kind: dict[str, list[float]] = {}
     for kind, d, _ in todo:

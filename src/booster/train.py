@@ -143,6 +143,12 @@ def _save_checkpoint(path: Path, step: int, named: list[tuple[str, torch.nn.Para
              "torch_rng": torch.get_rng_state().tolist()}))
 
 
+def checkpoint_step(out_dir: Path) -> int:
+    """The step a stage's training resumes from: its checkpoint's, 0 without one."""
+    state = out_dir / "checkpoint" / "state.json"
+    return int(json.loads(state.read_text())["step"]) if state.is_file() else 0
+
+
 def _load_checkpoint(path: Path, named: list[tuple[str, torch.nn.Parameter]],
                      optimizer: torch.optim.Optimizer, defense: Defense) -> int:
     """Every process reads the same files and keeps its shard of each tensor."""
