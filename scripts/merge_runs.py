@@ -8,7 +8,8 @@ sweeps must not share one: each rewrites results.jsonl). This puts their stages 
 no copy; weights and checkpoints left out), result rows and chains in OUT and writes a config
 whose grid is the union of theirs, so `booster report` and `booster publish` see one run.
 The configs must agree outside grid and run (else the merged directory would describe runs it
-does not hold): the first key that differs is a one-line error. A stage in several inputs is
+does not hold): the first key that differs is a one-line error. An unset ``eval.batch_size``
+(each run resolves it from its dtype) counts as the batch its evaluation stages record. A stage in several inputs is
 taken once; two inputs giving one evaluation different scores is an error.
 """
 
@@ -23,7 +24,8 @@ from typing import Any
 import yaml
 
 from booster.config import flatten
-from booster.io import read_jsonl, rewrite_jsonl
+from booster.evaluate.generate import EVAL_BATCH
+from booster.io import read_json, read_jsonl, rewrite_jsonl
 
 SKIP = shutil.ignore_patterns("*.safetensors", "checkpoint*", "merged_model")
 
@@ -55,13 +57,24 @@ def link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=SKIP, copy_function=link)
 
 
+def resolve_eval_batch(cfg: dict[str, Any], run: Path) -> dict[str, Any]:
+    """``cfg`` with an unset eval.batch_size replaced by the one the run's evaluations used (their
+    stage configs carry it when it is not EVAL_BATCH); left unset if they used several."""
+    if (cfg.get("eval") or {}).get("batch_size") is not None:
+        return cfg
+    evals = {r["eval_dir"] for r in read_jsonl(run / "results.jsonl")}
+    used = {(read_json(run / d / "config.json").get("eval") or {}).get("batch_size", EVAL_BATCH)
+            for d in evals if (run / d / "config.json").is_file()}
+    return {**cfg, "eval": {**(cfg.get("eval") or {}), "batch_size": used.pop()}} if len(used) == 1 else cfg
+
+
 def merge(out: Path, runs: list[Path]) -> dict[str, int]:
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} exists and is not empty; name a new directory")
     for run in runs:
         if not (run / "results.jsonl").is_file() or not (run / "config.yaml").is_file():
             raise SystemExit(f"{run} has no results.jsonl or config.yaml: not a finished run directory")
-    configs = [yaml.safe_load((r / "config.yaml").read_text()) for r in runs]
+    configs = [resolve_eval_batch(yaml.safe_load((r / "config.yaml").read_text()), r) for r in runs]
     config = merged_config(configs, [str(r) for r in runs])
     rows: dict[str, dict] = {}
     chains: dict[str, dict] = {}

@@ -353,11 +353,12 @@ def test_judge_choose_compares_on_rows_every_build_held_out(tmp_path):
     assert common_heldout([tmp_path / "one", tmp_path / "two"]) == [b]
 
 
-def _run_dir(root: Path, defense: str, p: float, score: float, lr: float = 2e-4) -> Path:
+def _run_dir(root: Path, defense: str, p: float, score: float, lr: float = 2e-4, batch: int | None = 16,
+             eval_batch: int | None = None) -> Path:
     import yaml
 
     (root / "stages").mkdir(parents=True)
-    cfg = {"attack": {"optim": {"lr": lr}}, "run": {"out_dir": str(root)},
+    cfg = {"attack": {"optim": {"lr": lr}}, "eval": {"batch_size": batch}, "run": {"out_dir": str(root)},
            "grid": {"align.defense": [defense], "attack.p": [p]}}
     (root / "config.yaml").write_text(yaml.safe_dump(cfg))
     shared = {"defense": "none", "stage": "unaligned", "harmful_score": 24.0, "eval_dir": "stages/eval-base"}
@@ -368,6 +369,9 @@ def _run_dir(root: Path, defense: str, p: float, score: float, lr: float = 2e-4)
     for name in ("eval-base", f"eval-{defense}{p}", f"align-{defense}"):
         (root / "stages" / name).mkdir()
         (root / "stages" / name / "metrics.json").write_text("{}")
+        # a stage config records the eval batch only where it is not the old default 16
+        (root / "stages" / name / "config.json").write_text(json.dumps({"eval": {"batch_size": eval_batch}}
+                                                                       if eval_batch else {}))
     (root / "stages" / f"align-{defense}" / "trainable.safetensors").write_bytes(b"weights")
     return root
 
@@ -407,3 +411,16 @@ def test_merge_runs_refuses_other_configs_and_conflicting_scores(tmp_path):
     assert done.returncode != 0 and "rescore both with one judge" in done.stderr
     done = _merge(a, rescored)  # an existing directory is never written into
     assert done.returncode != 0 and "not empty" in done.stderr
+
+
+def test_merge_runs_reads_an_unset_eval_batch_from_the_evaluations(tmp_path):
+    import yaml
+
+    a = _run_dir(tmp_path / "old", "sft", 0.1, 15.0)  # eval.batch_size: 16, set
+    unset16 = _run_dir(tmp_path / "new", "booster", 0.1, 9.0, batch=None)  # unset, resolved to 16 (bf16)
+    done = _merge(tmp_path / "m", a, unset16)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())["eval"]["batch_size"] == 16
+    unset100 = _run_dir(tmp_path / "f32", "booster", 0.2, 9.0, batch=None, eval_batch=100)  # resolved to 100
+    done = _merge(tmp_path / "m2", a, unset100)
+    assert done.returncode != 0 and "eval.batch_size" in done.stderr
