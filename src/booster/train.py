@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from booster.config import OptimConfig
 from booster.defenses.base import LOSS_DENOMINATOR, Batch, Defense, StepContext
 from booster.distributed import check_supported, full_tensor, is_fsdp, mean_over_processes, shard_like
-from booster.io import append_jsonl, atomic_dir, read_jsonl, rewrite_jsonl, stable_hash
+from booster.io import append_jsonl, atomic_dir, read_json, read_jsonl, rewrite_jsonl, stable_hash
 from booster.models import answer_head, answer_loss
 from booster.text import IGNORE, pad_batch
 from booster.tracking import log_row
@@ -146,7 +146,7 @@ def _save_checkpoint(path: Path, step: int, named: list[tuple[str, torch.nn.Para
 def checkpoint_step(out_dir: Path) -> int:
     """The step a stage's training resumes from: its checkpoint's, 0 without one."""
     state = out_dir / "checkpoint" / "state.json"
-    return int(json.loads(state.read_text())["step"]) if state.is_file() else 0
+    return int(read_json(state)["step"]) if state.is_file() else 0
 
 
 def _load_checkpoint(path: Path, named: list[tuple[str, torch.nn.Parameter]],
