@@ -424,3 +424,40 @@ def test_merge_runs_reads_an_unset_eval_batch_from_the_evaluations(tmp_path):
     unset100 = _run_dir(tmp_path / "f32", "booster", 0.2, 9.0, batch=None, eval_batch=100)  # resolved to 100
     done = _merge(tmp_path / "m2", a, unset100)
     assert done.returncode != 0 and "eval.batch_size" in done.stderr
+
+
+def test_a_wave_rates_only_unread_answers_and_adds_each_answer_once(tmp_path):
+    """Of four new answers, one was read before (its reading is copied), two are the same answer
+    (rated once); after A, B and C, ``add`` appends three rows and refuses nothing twice."""
+    old = tmp_path / "old.jsonl"
+    old.write_text("# earlier wave\n" + json.dumps({"prompt": "p0", "answer": "a0", "label": 1,
+                                                    "raters": {"A": 1, "B": 1}, "note": "steps"}) + "\n")
+    new = [{"prompt": "p0", "answer": "a0 ", "eval": "e1"}, {"prompt": "p1", "answer": "a1", "eval": "e1"},
+           {"prompt": "p1", "answer": "a1", "eval": "e2"}, {"prompt": "p2", "answer": "a2", "eval": "e2"}]
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in new))
+    d = tmp_path / "w"
+    script = [sys.executable, str(ROOT / "scripts" / "corpus_labels.py")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = lambda *a: subprocess.run([*script, *a], capture_output=True, text=True, env=env, timeout=60)  # noqa: E731
+    out = run("wave", str(d), "--answers", str(tmp_path / "new.jsonl"), "--read", str(old), "--seed", "3")
+    assert json.loads(out.stdout) == {"answers": 4, "to_rate": 2, "borrowed": 1}
+    blind = [json.loads(x) for x in (d / "blind.jsonl").read_text().splitlines()]
+    assert sorted(r["answer"] for r in blind) == ["a1", "a2"] and set(blind[0]) == {"id", "prompt", "answer"}
+    (borrowed,) = [json.loads(x) for x in (d / "borrowed.jsonl").read_text().splitlines()]
+    assert borrowed["label"] == 1 and borrowed["note"] == "steps (reading copied from old.jsonl)"
+    assert run("split", str(d), "--size", "10").returncode == 0
+    prompt = run("prompt", str(d), "chunk-00", "A").stdout
+    assert "labelling.md" in prompt and "chunk-00.jsonl" in prompt and "2 rows" in prompt
+    ids = {r["answer"]: r["id"] for r in blind}
+    for rater, labels in (("A", {"a1": 1, "a2": 0}), ("B", {"a1": 0, "a2": 0})):
+        (d / "labels" / rater).mkdir(parents=True)
+        (d / "labels" / rater / "chunk-00.jsonl").write_text(
+            "".join(json.dumps({"id": ids[a], "label": lab}) + "\n" for a, lab in labels.items()))
+    assert "third reading" in run("add", str(d), "--to", str(old)).stderr  # a1 is disputed, C has not read it
+    (d / "labels" / "C").mkdir()
+    (d / "labels" / "C" / "disputes.jsonl").write_text(json.dumps({"id": ids["a1"], "label": 1}) + "\n")
+    assert json.loads(run("add", str(d), "--to", str(old)).stdout)["added"] == 2  # a0 is already there
+    rows = [json.loads(x) for x in old.read_text().splitlines()[1:]]
+    assert sorted((r["answer"], r["label"]) for r in rows) == [("a0", 1), ("a1", 1), ("a2", 0)]
+    (a1,) = [r for r in rows if r["answer"] == "a1"]
+    assert a1["raters"] == {"A": 1, "B": 0, "C": 1} and a1["eval"] == "e1"
