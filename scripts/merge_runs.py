@@ -11,6 +11,12 @@ The configs must agree outside grid and run (else the merged directory would des
 does not hold): the first key that differs is a one-line error. An unset ``eval.batch_size``
 (each run resolves it from its dtype) counts as the batch its evaluation stages record. A stage in several inputs is
 taken once; two inputs giving one evaluation different scores is an error.
+
+A published directory (``booster publish``: stages without weights, answers gzipped) is an input
+like any run, so new seeds join results whose runs are gone (runs/ does not survive a change of
+machine):
+
+    python scripts/merge_runs.py OUT docs/results/NAME runs/new-seed && booster publish OUT docs/results/NAME
 """
 
 from __future__ import annotations

@@ -39,6 +39,12 @@ def test_a_published_run_rescores_without_the_run(tiny_cfg, tmp_path, capsys):
     some = rows[0]["eval_dir"] + "/generations.jsonl.gz"
     assert (out / some).read_bytes() == (again / some).read_bytes()
 
+    twice = out.with_name("twice")  # a published directory republishes whole (merged with new seeds)
+    main(["publish", str(out), str(twice)])
+    assert sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()) == \
+        sorted(str(f.relative_to(twice)) for f in twice.rglob("*") if f.is_file())
+    assert list(out.rglob("train_log.jsonl.gz"))
+
     shutil.rmtree(pipe.root)  # the copy stands on its own
     for cached in out.rglob("judged-*.json"):  # so the judge reads the gzipped answers again
         cached.unlink()

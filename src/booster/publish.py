@@ -70,6 +70,8 @@ def publish(root: Path, out: Path) -> Path:
                     shutil.copy2(f, dst / f.name)
             if (d / "train_log.jsonl").is_file():
                 _gzip(d / "train_log.jsonl", dst / "train_log.jsonl.gz")
+            elif (d / "train_log.jsonl.gz").is_file():  # a published stage, merged with new runs and republished
+                shutil.copy2(d / "train_log.jsonl.gz", dst / "train_log.jsonl.gz")
             gens = generations_path(d)
             if gens.is_file():
                 if gens.suffix == ".gz":
