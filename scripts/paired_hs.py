@@ -28,6 +28,13 @@ directories stay as they are) and one table is printed per judge:
 
     python scripts/paired_hs.py docs/results/cpu-demo-3seeds --judge classifier_v1 --judge classifier \
         --judge raters=src/booster/judge_data/smollm2_demo_seeds_labels.jsonl
+
+Two runs of one defence (exact Booster against Booster every 8 steps, in its own directory) are
+compared by naming one directory's defence: ``--name DIR=NAME`` calls every defence of DIR's
+rows NAME:
+
+    python scripts/paired_hs.py docs/results/paper-regime docs/results/paper-regime-k8 \
+        --name docs/results/paper-regime-k8=booster-k8 --a booster --b booster-k8
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from booster.compare import collect, paired_table
+from booster.compare import _add, collect, paired_table
 from booster.data.base import DataError
 from booster.evaluate.judges import JudgeError, make_judge
 from booster.evaluate.stage import judged
@@ -69,23 +76,41 @@ def rejudged(run_dirs: list[Path], spec: str, work: Path) -> list[Path]:
     return copies
 
 
+def gather(run_dirs: list[Path], where: list[list[str]], names: dict[int, str]) -> dict:
+    """collect() over the directories, the defence of directory i renamed names[i] where given."""
+    found: dict = {}
+    for i, run_dir in enumerate(run_dirs):
+        for (defence, setting, seed), eval_dir in collect([run_dir], where).items():
+            _add(found, (names.get(i, defence), setting, seed), eval_dir)
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+", type=Path)
     ap.add_argument("--a", default="sft", help="the reference defence (default sft)")
     ap.add_argument("--b", default="booster", help="the defence compared with it (default booster)")
     ap.add_argument("--where", action="append", default=[], help="KEY=VALUE a result row must have")
+    ap.add_argument("--name", action="append", default=[],
+                    help="DIR=NAME: call every defence of DIR's rows NAME (DIR one of run_dirs); repeatable")
     ap.add_argument("--judge", action="append", default=[],
                     help="judge the saved answers again with this judge, NAME or NAME=PATH (on a copy); repeatable")
     args = ap.parse_args()
     where = [x.split("=", 1) for x in args.where]
+    names = {}
+    for spec in args.name:
+        d, _, name = spec.rpartition("=")
+        at = [i for i, r in enumerate(args.run_dirs) if r.resolve() == Path(d).resolve()]
+        if not at or not name:
+            raise SystemExit(f"--name {spec}: give DIR=NAME with DIR one of the run directories")
+        names[at[0]] = name
     try:
         if not args.judge:
-            print(paired_table(collect(args.run_dirs, where), args.a, args.b))
+            print(paired_table(gather(args.run_dirs, where, names), args.a, args.b))
         for name in args.judge:
             with tempfile.TemporaryDirectory() as tmp:
                 copies = rejudged(args.run_dirs, name, Path(tmp))
-                print(f"### judge {name}\n\n{paired_table(collect(copies, where), args.a, args.b)}")
+                print(f"### judge {name}\n\n{paired_table(gather(copies, where, names), args.a, args.b)}")
     except (DataError, JudgeError) as e:
         raise SystemExit(str(e)) from None
 

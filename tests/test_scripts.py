@@ -161,6 +161,24 @@ def test_paired_hs_refuses_two_runs_of_one_cell(tmp_path):
     assert _paired(tmp_path, "--where", "attack.optim.lr=5e-4").returncode == 0
 
 
+def test_paired_hs_compares_two_directories_of_one_defence_by_name(tmp_path):
+    # exact Booster in one directory, Booster every 8 steps in another, both "booster": without
+    # --name they are two evaluations of one cell (an error); named, they pair prompt by prompt
+    prompts = [f"q{i}" for i in range(4)]
+    for name, f in (("exact", [1, 1, 0, 0]), ("k8", [1, 1, 1, 0])):
+        d = tmp_path / name
+        rows = [{"defense": "booster", "seed": 0, "p": 0.1, "stage": "attacked",
+                 "eval_dir": _eval_stage(d, f"eval-{name}", prompts, f)}]
+        (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    both = (str(tmp_path / "exact"), str(tmp_path / "k8"))
+    assert "--where" in _paired(Path(both[0]), both[1]).stderr
+    out = _paired(Path(both[0]), both[1], "--name", f"{both[1]}=booster-k8", "--a", "booster", "--b", "booster-k8")
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| p=0.1"))
+    assert [c.strip() for c in row.strip("|").split("|")][2:6] == ["50", "75", "0", "1"]
+    assert "one of the run directories" in _paired(Path(both[0]), "--name", f"{both[1]}=x").stderr
+
+
 def test_stage_times_sums_each_kind_and_leaves_snapshots_out(tmp_path):
     for name, config, done in (
             ("align-a", {"align": {"defense": "booster"}}, {"seconds": 600.0, "steps": 200}),
