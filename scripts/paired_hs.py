@@ -44,7 +44,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from booster.compare import _add, collect, paired_table
+from booster.compare import collect, paired_table
 from booster.data.base import DataError
 from booster.evaluate.judges import JudgeError, make_judge
 from booster.evaluate.stage import judged
@@ -76,15 +76,6 @@ def rejudged(run_dirs: list[Path], spec: str, work: Path) -> list[Path]:
     return copies
 
 
-def gather(run_dirs: list[Path], where: list[list[str]], names: dict[int, str]) -> dict:
-    """collect() over the directories, the defence of directory i renamed names[i] where given."""
-    found: dict = {}
-    for i, run_dir in enumerate(run_dirs):
-        for (defence, setting, seed), eval_dir in collect([run_dir], where).items():
-            _add(found, (names.get(i, defence), setting, seed), eval_dir)
-    return found
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+", type=Path)
@@ -106,11 +97,11 @@ def main() -> None:
         names[at[0]] = name
     try:
         if not args.judge:
-            print(paired_table(gather(args.run_dirs, where, names), args.a, args.b))
+            print(paired_table(collect(args.run_dirs, where, names), args.a, args.b))
         for name in args.judge:
             with tempfile.TemporaryDirectory() as tmp:
                 copies = rejudged(args.run_dirs, name, Path(tmp))
-                print(f"### judge {name}\n\n{paired_table(gather(copies, where, names), args.a, args.b)}")
+                print(f"### judge {name}\n\n{paired_table(collect(copies, where, names), args.a, args.b)}")
     except (DataError, JudgeError) as e:
         raise SystemExit(str(e)) from None
 

@@ -49,13 +49,16 @@ def _p(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def collect(run_dirs: list[Path], where: list[list[str]]) -> dict[tuple[str, str, int], Path]:
-    """{(defence, setting, seed): evaluation directory} over the run directories' result rows."""
+def collect(run_dirs: list[Path], where: list[list[str]],
+            names: dict[int, str] | None = None) -> dict[tuple[str, str, int], Path]:
+    """{(defence, setting, seed): evaluation directory} over the run directories' result rows;
+    ``names[i]``, where given, is what every defence of run_dirs[i] is called (two directories
+    of one defence, e.g. exact Booster and Booster every 8 steps, compared as two)."""
     found: dict[tuple[str, str, int], Path] = {}
-    for run_dir in run_dirs:
+    for i, run_dir in enumerate(run_dirs):
         rows = [row for row in read_rows(run_dir) if selected(row, run_dir, where)]
-        for key, eval_dir in found_in_rows(run_dir, rows).items():
-            _add(found, key, eval_dir)
+        for (defence, setting, seed), eval_dir in found_in_rows(run_dir, rows).items():
+            _add(found, ((names or {}).get(i, defence), setting, seed), eval_dir)
     return found
 
 
