@@ -74,6 +74,31 @@ def resolve_eval_batch(cfg: dict[str, Any], run: Path) -> dict[str, Any]:
     return {**cfg, "eval": {**(cfg.get("eval") or {}), "batch_size": used.pop()}} if len(used) == 1 else cfg
 
 
+def rebuilt_chains(rows: list[dict[str, Any]], chains: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chains for attacked rows that no chain names (an earlier merge kept one seed's chains per
+    grid point): the point of another seed's chain at the same defence, p and row values, with
+    this row's seed, the one unaligned evaluation and the aligned one of the same defence and seed."""
+    named = {c.get("attacked") for c in chains}
+    unaligned = [r["eval_dir"] for r in rows if r.get("stage") == "unaligned"]
+    aligned: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r.get("stage") == "aligned":
+            aligned.setdefault((r.get("defense"), r.get("seed")), []).append(r["eval_dir"])
+    out = []
+    for r in rows:
+        if r.get("stage") != "attacked" or r["eval_dir"] in named:
+            continue
+        same = [c for c in chains if c["point"].get("align.defense") == r.get("defense")
+                and c["point"].get("attack.p") == r.get("p")
+                and all(r.get(k) == v for k, v in c["point"].items() if k not in ("align.defense", "attack.p", "run.seed"))]
+        mine = aligned.get((r.get("defense"), r.get("seed")), [])
+        if not same or len(unaligned) != 1 or len(mine) != 1:
+            continue  # not rebuilt where it would be a guess
+        out.append({"point": {**same[0]["point"], "run.seed": r.get("seed")}, "unaligned": unaligned[0],
+                    "aligned": mine[0], "attacked": r["eval_dir"]})
+    return out
+
+
 def merge(out: Path, runs: list[Path]) -> dict[str, int]:
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} exists and is not empty; name a new directory")
@@ -91,8 +116,13 @@ def merge(out: Path, runs: list[Path]) -> dict[str, int]:
                 raise SystemExit(f"{row['eval_dir']}: scored {seen.get('harmful_score')} in one run and "
                                  f"{row.get('harmful_score')} in {run}; rescore both with one judge first")
             rows.setdefault(row["eval_dir"], row)
+        seed = (yaml.safe_load((run / "config.yaml").read_text()).get("run") or {}).get("seed", 0)
         for chain in read_jsonl(run / "chains.jsonl") if (run / "chains.jsonl").is_file() else []:
+            # a run's seed is in its config, not its grid points: without it the seeds' chains collapse
+            chain = {**chain, "point": {**chain["point"], "run.seed": chain["point"].get("run.seed", seed)}}
             chains.setdefault(repr(sorted(chain["point"].items())), chain)
+    for chain in rebuilt_chains(list(rows.values()), list(chains.values())):
+        chains.setdefault(repr(sorted(chain["point"].items())), chain)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     for run in runs:
         for stage in sorted((run / "stages").iterdir()):

@@ -444,6 +444,35 @@ def test_merge_runs_reads_an_unset_eval_batch_from_the_evaluations(tmp_path):
     assert done.returncode != 0 and "eval.batch_size" in done.stderr
 
 
+def test_merge_runs_keeps_each_seeds_chains(tmp_path):
+    """Seeds 0 and 1 of one point, each its own run (the seed in run.seed, not the grid): both
+    chains are kept, named by seed; a seed-2 row whose chain an earlier merge lost is rebuilt."""
+    import yaml
+
+    runs = []
+    for seed in (0, 1):
+        run = _run_dir(tmp_path / f"s{seed}", "sft", 0.1, 15.0 + seed)
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "run": {**cfg["run"], "seed": seed}}))
+        rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
+        rows[1] = {**rows[1], "seed": seed, "eval_dir": f"stages/eval-s{seed}"}
+        rows.append({"defense": "sft", "seed": seed, "stage": "aligned", "eval_dir": f"stages/eval-al{seed}"})
+        if seed == 1:  # an attacked row of seed 2 with its aligned row, but no chain
+            rows += [{"defense": "sft", "seed": 2, "stage": "attacked", "p": 0.1, "eval_dir": "stages/eval-s2"},
+                     {"defense": "sft", "seed": 2, "stage": "aligned", "eval_dir": "stages/eval-al2"}]
+        (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "chains.jsonl").write_text(json.dumps({"point": {"align.defense": "sft", "attack.p": 0.1},
+                                                      "attacked": f"stages/eval-s{seed}"}) + "\n")
+        runs.append(run)
+    done = _merge(tmp_path / "m", *runs)
+    assert done.returncode == 0, done.stderr
+    chains = {c["point"]["run.seed"]: c for c in map(json.loads, (tmp_path / "m" / "chains.jsonl").read_text().splitlines())}
+    assert sorted(chains) == [0, 1, 2]
+    assert chains[1]["attacked"] == "stages/eval-s1"
+    assert chains[2] == {"point": {"align.defense": "sft", "attack.p": 0.1, "run.seed": 2},
+                         "unaligned": "stages/eval-base", "aligned": "stages/eval-al2", "attacked": "stages/eval-s2"}
+
+
 def test_a_wave_rates_only_unread_answers_and_adds_each_answer_once(tmp_path):
     """Of four new answers, one was read before (its reading is copied), two are the same answer
     (rated once); after A, B and C, ``add`` appends three rows and refuses nothing twice."""
