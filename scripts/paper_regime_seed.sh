@@ -8,7 +8,8 @@
 # runs/ may not survive to the next. ARM runs one arm so that each fits a session:
 #   ARM=sft      the SFT sweep alone, one thread (~2 h 15 min; the other core is free)
 #   ARM=booster  the Booster alignment on both threads, then p = 0.1 and 0.2 side by side on
-#                one thread each, then p = 0 on both
+#                one thread each, then p = 0 on both (~2 h: a Booster step takes 3.53 s on two
+#                threads, 6.41 s on one; benchmarks/step_cost.py --threads, Zen 4, bf16)
 #   ARM=both     (default) the two workers above
 # Each sweep writes its own out_dir under $RUNS (two sweeps must not share one: each rewrites
 # results.jsonl); a Booster attack's out_dir starts from copies of the finished Booster stages.
