@@ -109,14 +109,14 @@ def merge(out: Path, runs: list[Path]) -> dict[str, int]:
     config = merged_config(configs, [str(r) for r in runs])
     rows: dict[str, dict] = {}
     chains: dict[str, dict] = {}
-    for run in runs:
+    for run, cfg in zip(runs, configs):
         for row in read_jsonl(run / "results.jsonl"):
             seen = rows.get(row["eval_dir"])
             if seen is not None and seen.get("harmful_score") != row.get("harmful_score"):
                 raise SystemExit(f"{row['eval_dir']}: scored {seen.get('harmful_score')} in one run and "
                                  f"{row.get('harmful_score')} in {run}; rescore both with one judge first")
             rows.setdefault(row["eval_dir"], row)
-        seed = (yaml.safe_load((run / "config.yaml").read_text()).get("run") or {}).get("seed", 0)
+        seed = (cfg.get("run") or {}).get("seed", 0)
         for chain in read_jsonl(run / "chains.jsonl") if (run / "chains.jsonl").is_file() else []:
             # a run's seed is in its config, not its grid points: without it the seeds' chains collapse
             chain = {**chain, "point": {**chain["point"], "run.seed": chain["point"].get("run.seed", seed)}}
